@@ -1,0 +1,49 @@
+# Owns the virtual environments. `make demo` runs the embedded CPU default, `make test` the whole suite.
+PYTHON ?= python3.11
+# A working python3.12: on PATH, or one that pyenv has installed but not activated.
+PYTHON312 ?= $(shell for p in $$(command -v python3.12) /root/.pyenv/versions/3.12*/bin/python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo "$$p" && break; done)
+VENV ?= .venv
+VENV312 ?= .venv312
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test test-main test-megatron-019 clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# The CPU torch wheel this machine provides; a bare `torch` would pull a multi-GB CUDA build.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m alp_megatron.demo
+
+test: test-main test-megatron-019
+
+test-main: venv
+	$(PY) -m pytest -q
+
+# The Megatron tests again on the newest supported megatron-core (0.19.x needs Python >= 3.12, and
+# PyPI has only a CUDA torch build for it, which runs on CPU).
+$(VENV312)/.installed: setup.py
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/pip install -q --upgrade pip
+	$(VENV312)/bin/pip install -q torch==2.13.0 'megatron-core>=0.19,<0.20'
+	$(VENV312)/bin/pip install -q -e '.[test]'
+	touch $@
+
+test-megatron-019:
+	@if [ -n "$(PYTHON312)" ]; then \
+		$(MAKE) $(VENV312)/.installed && \
+		$(VENV312)/bin/python -c "import megatron.core as m; print('megatron-core', m.__version__, 'on Python 3.12')" && \
+		$(VENV312)/bin/python -m pytest -q -m megatron; \
+	else \
+		echo "SKIPPED: megatron-core 0.19.x tests: no working python3.12 on this machine"; \
+	fi
+
+clean:
+	rm -rf $(VENV) $(VENV312) *.egg-info

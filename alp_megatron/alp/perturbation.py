@@ -1,0 +1,287 @@
+"""The ALP perturbation: a learnable per-layer sigma and layout-independent Gaussian noise (ALP.md §2, §6).
+
+Training forward only, at the input of decoder layer ``l`` (before its input norm, so the residual stream
+carries it):  ``h_l <- h_l + sigma_l * eps_l``,  ``sigma_l = exp(log_sigma_l)``,  ``eps_l ~ N(0, I)``.
+
+The noise is a deterministic function of ``(seed, step, global sample id, global layer index)``: for each
+sample the full-sequence noise ``[S, hidden]`` is drawn from its own explicitly seeded generator (never from
+torch's or Megatron's RNG streams), and each rank keeps exactly the rows it holds under context and sequence
+parallelism. Hence tensor-parallel ranks see identical noise when activations are replicated, sharded ranks
+see disjoint slices whose union is the unsharded noise, and the result does not depend on the layout.
+
+Only torch is imported here; the Megatron side (which rank holds which rows) is passed in as a
+:class:`SequenceShard`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from alp_megatron.errors import ConfigError
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class PerturbationConfig:
+    """ALP settings (ALP.md §2). Layer indices are global and 0-based; ``perturb_end`` is exclusive."""
+
+    enabled: bool = True
+    sigma_0: float = 0.02
+    perturb_start: int = 0
+    perturb_end: Optional[int] = None  # None: up to the last layer
+    learnable: bool = True
+    seed: int = 1234
+    sigma_lr: float = 1e-2
+    sigma_weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if not (isinstance(self.sigma_0, (int, float)) and math.isfinite(self.sigma_0) and self.sigma_0 > 0):
+            raise ConfigError(
+                "alp.sigma_0", f"must be a positive finite number, got {self.sigma_0!r}",
+                "use e.g. 0.02 (the paper's single-turn default); to switch ALP off set alp.enabled=false",
+            )
+        if self.perturb_start < 0:
+            raise ConfigError(
+                "alp.perturb_start", f"must be >= 0, got {self.perturb_start}", "use 0 for the first layer"
+            )
+        if self.perturb_end is not None and self.perturb_end <= self.perturb_start:
+            raise ConfigError(
+                "alp.perturb_end",
+                f"must be greater than alp.perturb_start ({self.perturb_start}), got {self.perturb_end}",
+                "give an exclusive end layer index, or leave it unset for all layers",
+            )
+        if not (self.sigma_lr >= 0 and math.isfinite(self.sigma_lr)):
+            raise ConfigError("alp.sigma_lr", f"must be >= 0, got {self.sigma_lr!r}", "use e.g. 1e-2")
+        if not (self.sigma_weight_decay >= 0):
+            raise ConfigError(
+                "alp.sigma_weight_decay", f"must be >= 0, got {self.sigma_weight_decay!r}", "use 0.0"
+            )
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise if the layer range does not fit a model of ``num_layers`` layers."""
+        if self.perturb_start >= num_layers:
+            raise ConfigError(
+                "alp.perturb_start",
+                f"layer {self.perturb_start} is outside the model's {num_layers} layers (0..{num_layers - 1})",
+                f"use a value below {num_layers}",
+            )
+        if self.perturb_end is not None and self.perturb_end > num_layers:
+            raise ConfigError(
+                "alp.perturb_end",
+                f"{self.perturb_end} is past the model's {num_layers} layers",
+                f"use at most {num_layers}, or leave it unset for all layers",
+            )
+
+    def perturbs(self, layer_index: int, num_layers: int) -> bool:
+        end = num_layers if self.perturb_end is None else self.perturb_end
+        return self.enabled and self.perturb_start <= layer_index < end
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """Which rows of the full sequence this rank's hidden states hold.
+
+    Context parallelism splits the sequence into ``2 * cp_size`` chunks and gives rank ``r`` chunks ``r`` and
+    ``2 * cp_size - 1 - r`` (Megatron's load-balanced causal split); sequence parallelism then splits that
+    local sequence into ``tp_size`` contiguous pieces.
+    """
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    sequence_parallel: bool = False
+    cp_rank: int = 0
+    cp_size: int = 1
+
+    def full_length(self, local_length: int) -> int:
+        sp = self.tp_size if self.sequence_parallel else 1
+        return local_length * sp * self.cp_size
+
+    def rows(self, full: torch.Tensor) -> torch.Tensor:
+        """Slice ``full`` (sequence first) down to the rows this rank holds."""
+        if self.cp_size > 1:
+            chunks = full.chunk(2 * self.cp_size, dim=0)
+            full = torch.cat([chunks[self.cp_rank], chunks[2 * self.cp_size - 1 - self.cp_rank]], dim=0)
+        if self.sequence_parallel and self.tp_size > 1:
+            full = full.chunk(self.tp_size, dim=0)[self.tp_rank]
+        return full
+
+
+def noise_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (splitmix64 per part), stable across processes and platforms."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    step: int
+    sample_ids: tuple[int, ...]
+
+
+class NoiseSource:
+    """What noise the ALP layers of one model draw for the micro-batch being run.
+
+    The training loop calls :meth:`set_microbatch` before each micro-batch's forward (on every pipeline
+    stage). Megatron's full activation recomputation re-runs a layer's forward during backward, after later
+    micro-batches have already set their keys; so a forward that runs without grad under recomputation
+    records its key, and the recomputation (which runs inside the autograd engine) replays the keys in the
+    same first-in first-out order, which is the order every Megatron schedule runs backward in.
+    """
+
+    def __init__(self, seed: int, replays_recompute: bool = False):
+        self.seed = int(seed)
+        self.enabled = True
+        self.replays_recompute = replays_recompute
+        self._key: Optional[NoiseKey] = None
+        self._pending: dict[int, deque[NoiseKey]] = {}
+
+    def set_microbatch(self, step: int, sample_ids: Sequence[int] | torch.Tensor) -> None:
+        """Key the next forward: ``step`` (optimizer step) and the global id of each sample in the batch."""
+        if isinstance(sample_ids, torch.Tensor):
+            sample_ids = sample_ids.tolist()
+        if self._key is not None and self._key.step != step:
+            self._pending.clear()
+        self._key = NoiseKey(int(step), tuple(int(i) for i in sample_ids))
+
+    def key_for(self, layer_index: int, training: bool) -> NoiseKey:
+        in_backward = torch._C._current_graph_task_id() != -1
+        if in_backward and self.replays_recompute and self._pending.get(layer_index):
+            return self._pending[layer_index].popleft()
+        if self._key is None:
+            raise RuntimeError(
+                "the ALP perturbation has no noise key: call set_microbatch(step, sample_ids) on the model's "
+                "NoiseSource before each training forward, or run the forward under alp_disabled(model) / eval()"
+            )
+        if self.replays_recompute and training and not torch.is_grad_enabled() and not in_backward:
+            self._pending.setdefault(layer_index, deque()).append(self._key)
+        return self._key
+
+    def draw(
+        self, key: NoiseKey, layer_index: int, shard: SequenceShard, local_shape: torch.Size, device
+    ) -> torch.Tensor:
+        """fp32 noise of ``local_shape`` = ``[s_local, batch, hidden]`` for this rank."""
+        local_len, batch, hidden = local_shape
+        if batch != len(key.sample_ids):
+            raise RuntimeError(
+                f"ALP noise key has {len(key.sample_ids)} sample ids but the micro-batch has {batch} samples: "
+                "pass one global sample id per sample to set_microbatch"
+            )
+        full_len = shard.full_length(local_len)
+        per_sample = []
+        for sample_id in key.sample_ids:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(noise_seed(self.seed, key.step, sample_id, layer_index))
+            full = torch.randn(full_len, hidden, generator=generator, device=device, dtype=torch.float32)
+            per_sample.append(shard.rows(full))
+        return torch.stack(per_sample, dim=1)
+
+
+class LayerPerturbation(torch.nn.Module):
+    """``h + exp(log_sigma) * eps`` for one layer; identity in eval mode or when the source is disabled.
+
+    ``log_sigma`` stays fp32 even when the model is cast to bf16/fp16 (Megatron's Float16Module), so small
+    sigma updates are not rounded away. The realised ratio ``||h' - h|| / ||h||`` of the last training
+    forward is kept (detached, rank-local) for metrics.
+    """
+
+    def __init__(self, source: NoiseSource, layer_index: int, shard: SequenceShard, sigma_0: float,
+                 learnable: bool = True, sequence_parallel: bool = False):
+        super().__init__()
+        self.source = source
+        self.layer_index = layer_index
+        self.shard = shard
+        self.log_sigma = torch.nn.Parameter(
+            torch.tensor(math.log(sigma_0), dtype=torch.float32), requires_grad=learnable
+        )
+        # Under SP each rank holds part of the sequence, so its log_sigma gradient is partial; Megatron's
+        # finalize_model_grads all-reduces parameters marked like this over the tensor-parallel group.
+        self.log_sigma.sequence_parallel = sequence_parallel
+        self.log_sigma.is_alp_log_sigma = True
+        self.last_noise_sq: Optional[torch.Tensor] = None
+        self.last_hidden_sq: Optional[torch.Tensor] = None
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        if self.log_sigma.dtype != torch.float32:
+            self.log_sigma.data = self.log_sigma.data.float()
+        return module
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.source.enabled):
+            return hidden_states
+        key = self.source.key_for(self.layer_index, self.training)
+        eps = self.source.draw(key, self.layer_index, self.shard, hidden_states.shape, hidden_states.device)
+        delta = (self.sigma * eps).to(hidden_states.dtype)
+        with torch.no_grad():
+            self.last_noise_sq = delta.float().pow(2).sum()
+            self.last_hidden_sq = hidden_states.float().pow(2).sum()
+        return hidden_states + delta
+
+    def extra_repr(self) -> str:
+        return f"layer_index={self.layer_index}, sigma={self.sigma.item():.4g}"
+
+
+def perturbation_modules(model: torch.nn.Module) -> Iterator[LayerPerturbation]:
+    for module in model.modules():
+        if isinstance(module, LayerPerturbation):
+            yield module
+
+
+def noise_sources(model: torch.nn.Module) -> list[NoiseSource]:
+    sources: list[NoiseSource] = []
+    for module in perturbation_modules(model):
+        if all(module.source is not s for s in sources):
+            sources.append(module.source)
+    return sources
+
+
+@contextlib.contextmanager
+def alp_disabled(*models: torch.nn.Module):
+    """Run forwards of ``models`` unperturbed (rollout-free logprobs, reference, metrics), then restore."""
+    sources = [s for m in models for s in noise_sources(m)]
+    previous = [s.enabled for s in sources]
+    for s in sources:
+        s.enabled = False
+    try:
+        yield
+    finally:
+        for s, was in zip(sources, previous):
+            s.enabled = was
+
+
+def set_microbatch(model: torch.nn.Module, step: int, sample_ids: Sequence[int] | torch.Tensor) -> None:
+    """Key the next training forward of every ALP layer in ``model`` (see NoiseSource.set_microbatch)."""
+    for source in noise_sources(model):
+        source.set_microbatch(step, sample_ids)
+
+
+def sigma_by_layer(model: torch.nn.Module) -> dict[int, float]:
+    """``{global layer index: sigma}`` of the layers held by this rank."""
+    return {m.layer_index: float(m.sigma.detach()) for m in perturbation_modules(model)}
+
+
+def realised_ratio_by_layer(model: torch.nn.Module) -> dict[int, float]:
+    """``{layer: ||h' - h|| / ||h||}`` of the last training forward, on this rank's rows."""
+    ratios = {}
+    for m in perturbation_modules(model):
+        if m.last_noise_sq is not None and float(m.last_hidden_sq) > 0:
+            ratios[m.layer_index] = math.sqrt(float(m.last_noise_sq) / float(m.last_hidden_sq))
+    return ratios

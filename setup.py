@@ -1,0 +1,56 @@
+"""alp-megatron: ALP (Adaptive Layerwise Perturbation) RL post-training on Megatron-Core.
+
+Why each pin:
+- torch >=2.6,<2.15: megatron-core 0.16 needs >=2.6; the CPU runtime patches (patches/megatron_core.py)
+  and gloo behaviour were measured on 2.13.0 (the CPU wheel CI installs); <2.15 keeps us on releases
+  the patches were checked against.
+- megatron-core >=0.16.1,<0.20: 0.16.1 is the newest release for Python 3.11 (0.17+ need 3.12);
+  0.19.x runs the same code (CI tests it on Python 3.12). The CPU patches are verified on this range
+  and refuse any other version.
+- transformers >=4.51,<6: HF configs for Llama/Qwen2/Qwen3/Qwen3-MoE (Qwen3 arrived in 4.51); the
+  bridge compares against its forward.
+- safetensors >=0.4: checkpoint I/O for the bridge.
+- nvidia-ml-py >=12: GPU telemetry; on CPU nvmlInit raises NVMLError and telemetry is off.
+- psutil >=5.9: megatron's dist_checkpointing needs it but does not declare it.
+- pyyaml >=6: run configs.
+- numpy: megatron-core's own dependency, used by the patches (alltoall split sizes).
+Extras:
+- sglang: the rollout engine, pinned exactly (0.5.23): its HTTP/weight-update API changes between
+  releases and our client and CPU recipe were verified on this one.
+- gpu: Transformer Engine for the TE layer spec and FP8. Apex is optional and is never installed from
+  PyPI (the PyPI "apex" is an unrelated project); see README.md for building NVIDIA Apex.
+"""
+
+from setuptools import setup
+
+setup(
+    name="alp-megatron",
+    version="0.1.0",
+    description="Adaptive Layerwise Perturbation (ALP) RL post-training on Megatron-Core",
+    python_requires=">=3.11",
+    packages=[
+        "alp_megatron",
+        "alp_megatron.alp",
+        "alp_megatron.model",
+        "alp_megatron.trainer",
+        "alp_megatron._patches",
+    ],
+    package_dir={"alp_megatron._patches": "patches"},
+    install_requires=[
+        "torch>=2.6,<2.15",
+        "megatron-core>=0.16.1,<0.20",
+        "transformers>=4.51,<6",
+        "safetensors>=0.4",
+        "nvidia-ml-py>=12",
+        "psutil>=5.9",
+        "pyyaml>=6",
+        "numpy",
+        "packaging>=24.2",
+    ],
+    extras_require={
+        "sglang": ["sglang==0.5.23", "sglang-router>=0.3.2,<0.4"],
+        "gpu": ["transformer-engine[pytorch]>=2.4"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["alp-demo=alp_megatron.demo:main"]},
+)
