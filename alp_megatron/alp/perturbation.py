@@ -229,7 +229,9 @@ class LayerPerturbation(torch.nn.Module):
             return hidden_states
         key = self.source.key_for(self.layer_index, self.training)
         eps = self.source.draw(key, self.layer_index, self.shard, hidden_states.shape, hidden_states.device)
-        delta = (self.sigma * eps).to(hidden_states.dtype)
+        # fp32 (or wider, for fp64 hidden states) product, then the hidden-state dtype
+        compute = torch.promote_types(torch.float32, hidden_states.dtype)
+        delta = (self.log_sigma.to(compute).exp() * eps.to(compute)).to(hidden_states.dtype)
         with torch.no_grad():
             self.last_noise_sq = delta.float().pow(2).sum()
             self.last_hidden_sq = hidden_states.float().pow(2).sum()

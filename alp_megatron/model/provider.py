@@ -207,6 +207,12 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, model: ModelCo
         apply_rope_fusion=False,
         calculate_per_token_loss=True,
     )
+    if parallel.virtual_pipeline_parallel is not None and parallel.pipeline_parallel == 2:
+        # With 2 pipeline ranks next_rank == prev_rank, and the interleaved schedule's batched
+        # send_forward_backward_recv_forward_backward posts two sends and two receives to the same peer in one
+        # batch_isend_irecv; they pair in posting order and cross activations with gradients, silently
+        # (Megatron-LM issues #750, #1450). The unbatched path uses one process group per direction.
+        kwargs.update(batch_p2p_comm=False)
     if model.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=model.recompute_num_layers)

@@ -22,6 +22,7 @@ TWO_RANKS = [
     Layout("tp2", DENSE, ParallelConfig(tensor_parallel=2)),
     Layout("tp2_sp", DENSE, ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
     Layout("pp2_1f1b", DENSE, ParallelConfig(pipeline_parallel=2)),
+    Layout("pp2_vpp2_interleaved", DENSE, ParallelConfig(pipeline_parallel=2, virtual_pipeline_parallel=2)),
     Layout("dp2_distributed_optimizer", DENSE, distributed_optimizer=True),
     Layout("tp2_recompute", DENSE, ParallelConfig(tensor_parallel=2), ModelConfig(recompute="full")),
     Layout("ep2_alltoall", MOE, ParallelConfig(expert_parallel=2), loss_method="alp_token"),
