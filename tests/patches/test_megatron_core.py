@@ -103,7 +103,8 @@ def test_apply_installs_every_covering_patch_once(patched):
     if MEGATRON_CORE == Version("0.16.1"):
         assert COVERING == ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
     for report in patched:
-        assert Version(report["version"]) == MEGATRON_CORE
+        # megatron-core may report a local suffix (e.g. "+<commit>") that package metadata lacks
+        assert Version(report["version"]).release == MEGATRON_CORE.release
         assert report["first_apply"] == COVERING
         assert report["second_apply"] == ()  # idempotent: nothing is installed twice
         assert report["applied"] == COVERING
