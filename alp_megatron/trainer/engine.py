@@ -149,7 +149,6 @@ def train_step(
     ids keying the ALP noise), plus whatever ``loss_function`` reads. The step is skipped, not applied,
     when the loss or gradient norm is not finite.
     """
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in ddp_chunks:

@@ -147,11 +147,7 @@ def train(layout: Layout, reference_dir: str) -> dict:
     loss_function = make_loss_function(layout.loss_method)
     losses, grad_norms = [], []
     for step in range(STEPS):
-        if step == STEPS - 1:
-            # Record the gradients of the last step before the optimizer consumes them.
-            result = train_step(ddp_chunks, optimizer, scheduler, batches, loss_function, step, SEQ)
-        else:
-            result = train_step(ddp_chunks, optimizer, scheduler, batches, loss_function, step, SEQ)
+        result = train_step(ddp_chunks, optimizer, scheduler, batches, loss_function, step, SEQ)
         losses.append(result.loss)
         grad_norms.append(result.grad_norm)
     if layout.distributed_optimizer:
