@@ -157,6 +157,7 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_minu
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     megatron_core_patches.apply()
+    megatron_core_patches.apply_fixes()
     data_parallel = parallel.data_parallel_size(dist.get_world_size())
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -218,6 +219,8 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, model: ModelCo
                       recompute_num_layers=model.recompute_num_layers)
     if arch.is_moe:
         kwargs.update(
+            # a per-layer list: HF's mlp_only_layers / decoder_sparse_step do not fit Megatron's integer form
+            moe_layer_freq=[int(arch.layer_is_moe(i)) for i in range(arch.num_layers)],
             num_moe_experts=arch.num_experts,
             moe_router_topk=arch.moe_topk,
             moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
@@ -264,15 +267,45 @@ def build_model(
             GPTModel(
                 config=config,
                 transformer_layer_spec=spec,
-                vocab_size=arch.vocab_size,
+                vocab_size=padded_vocab_size(arch.vocab_size, parallel.tensor_parallel),
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                 share_embeddings_and_output_weights=arch.tie_word_embeddings,
                 position_embedding_type="rope",
                 rotary_base=int(arch.rope_theta),
+                rope_scaling=arch.rope_scaling_factor is not None,
+                rope_scaling_factor=arch.rope_scaling_factor or 8.0,
                 parallel_output=True,
                 vp_stage=stage,
             )
         )
+        _mask_padded_vocab(chunks[-1], arch.vocab_size)
     return chunks
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
+    """Rows of the Megatron embedding and output layer: ``vocab_size`` rounded up to a multiple of the
+    tensor-parallel size (vocab-parallel layers split the rows evenly). The padded rows hold zeros."""
+    return -(-vocab_size // tensor_parallel) * tensor_parallel
+
+
+def _mask_padded_vocab(chunk, vocab_size: int) -> None:
+    """Give the padded vocabulary columns a logit far below any real one, so softmax, logprobs and
+    entropy over the padded vocabulary equal those over the real one (zero rows would give logit 0)."""
+    output_layer = getattr(chunk, "output_layer", None)
+    padded = chunk.vocab_size
+    if output_layer is None or padded == vocab_size:
+        return
+
+    def mask(module, inputs, output):
+        logits, bias = output
+        columns = logits.shape[-1]
+        # the gathered logits span the padded vocabulary; a vocab-parallel shard starts at its rank's offset
+        start = 0 if columns == padded else module.tp_group.rank() * columns
+        index = torch.arange(start, start + columns, device=logits.device)
+        # the value logprobs.mask_padded_vocab uses: exp() of it is 0, and it stays finite (0 * it = 0, not
+        # NaN, in an entropy) even divided by a small sampling temperature
+        return logits.masked_fill(index >= vocab_size, -1e9), bias
+
+    output_layer.register_forward_hook(mask)
