@@ -9,12 +9,16 @@ PY := $(VENV)/bin/python
 
 .PHONY: venv demo test test-main test-megatron-019 clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py launch/sglang-cpu-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# The CPU torch wheel this machine provides; a bare `torch` would pull a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[test]'
+	# SGLang, lean: its dependencies without its torch==2.14.1 (CUDA) pin, then SGLang itself with --no-deps.
+	echo 'torch==2.13.0' > $(VENV)/torch-pin.txt
+	$(VENV)/bin/pip install -q -c $(VENV)/torch-pin.txt -r launch/sglang-cpu-requirements.txt
+	$(VENV)/bin/pip install -q --no-deps sglang==0.5.23
+	$(VENV)/bin/pip install -q -c $(VENV)/torch-pin.txt -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,0 +1,178 @@
+"""One child process in its own process group with its own log file, stopped by process id.
+
+SGLang servers and the router both spawn children (scheduler, detokenizer, router workers); putting each
+launch in a new session makes its process id the group id, so stopping signals exactly the processes
+this launch created and nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import weakref
+from collections import deque
+from typing import Mapping, Optional, Sequence
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+_live: "weakref.WeakSet[ManagedProcess]" = weakref.WeakSet()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (the OS picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def connect_host(host: str) -> str:
+    """The address a local client uses to reach a server bound to ``host`` (wildcards become loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def base_url(host: str, port: int) -> str:
+    host = connect_host(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class ManagedProcess:
+    """A command run in a new process group, its output appended to ``log_path``."""
+
+    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str], log_path: str):
+        self.name = name
+        self.command = list(command)
+        self.env = dict(env)
+        self.log_path = log_path
+        self._popen: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._popen.pid if self._popen is not None else None
+
+    def start(self) -> None:
+        if self.is_alive():
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.command)}\n".encode())
+            log.flush()
+            self._popen = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        _live.add(self)
+        logger.info("%s started: pid %d, log %s", self.name, self._popen.pid, self.log_path)
+
+    def is_alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def returncode(self) -> Optional[int]:
+        return None if self._popen is None else self._popen.poll()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the process group, wait up to ``timeout`` s, then SIGKILL what still runs of it."""
+        if self._popen is None:
+            return
+        group = self._popen.pid  # start_new_session: the group id is the leader's pid
+        if group_running(group):
+            _signal_group(group, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and group_running(group):
+                self._popen.poll()
+                time.sleep(0.1)
+            if group_running(group):
+                logger.warning("%s (group %d) still ran %.0f s after SIGTERM; sending SIGKILL",
+                               self.name, group, timeout)
+                _signal_group(group, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while group_running(group) and time.monotonic() < deadline:
+                    self._popen.poll()
+                    time.sleep(0.05)
+        try:
+            self._popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        _live.discard(self)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the log file ('' when there is none yet)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                size = log.tell()
+                log.seek(max(0, size - 256 * 1024))
+                text = log.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(deque(text.splitlines(), maxlen=lines))
+
+    def wait_http_ok(self, url: str, path: str, timeout: float, headers: Optional[dict] = None) -> Optional[str]:
+        """Poll ``GET url+path`` until it answers 200. Returns None on success, else why it did not."""
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if not self.is_alive():
+                return f"exited with code {self.returncode()} before becoming healthy"
+            try:
+                answer = requests.get(url + path, headers=headers, timeout=10)
+                if answer.status_code == 200:
+                    return None
+                last = f"{path} answered HTTP {answer.status_code}"
+            except requests.RequestException as error:
+                last = f"{path}: {type(error).__name__}"
+            time.sleep(0.5)
+        return f"did not become healthy within {timeout:.0f} s (last check: {last})"
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    try:
+        os.killpg(group, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def group_running(group: int) -> bool:
+    """Whether a process of ``group`` still runs (exited members waiting to be reaped do not count)."""
+    if not _signal_group(group, 0):
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields after the command name: state, ppid, pgrp, ...
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for process in list(_live):
+        if process.is_alive() or (process.pid is not None and group_running(process.pid)):
+            logger.warning("stopping %s (pid %s) left running at exit", process.name, process.pid)
+            process.stop(timeout=5)

@@ -1,0 +1,142 @@
+"""``sglang-router`` in front of SGLang workers (``python -m sglang_router.launch_router``).
+
+The router proxies ``/generate`` (and fans ``/flush_cache`` out); it does not proxy pause, continue or
+weight updates, which go to each worker (``RolloutClient(control_urls=...)``, ``EngineControl``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import requests
+
+from alp_megatron.errors import ConfigError
+from alp_megatron.rollout.errors import ServerStartError
+from alp_megatron.rollout.process import ManagedProcess, base_url, free_port
+from alp_megatron.rollout.server import is_loopback
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("round_robin", "cache_aware", "power_of_two", "random")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How to launch the router: its workers, routing ``policy``, address (``port=0`` picks a free one).
+
+    ``health_check_interval_s`` is how often the router probes workers (a dead one stops receiving
+    requests after a failed probe and gets them again once healthy).
+    """
+
+    worker_urls: Sequence[str]
+    policy: str = "round_robin"
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: Optional[str] = None
+    health_check_interval_s: int = 2
+    extra_args: Sequence[str] = field(default_factory=tuple)
+    log_dir: Optional[str] = None
+    startup_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "worker_urls", tuple(self.worker_urls))
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        if not self.worker_urls:
+            raise ConfigError("router.worker_urls", "is empty", "give the URL of every SGLang worker")
+        if self.policy not in POLICIES:
+            raise ConfigError("router.policy", f"{self.policy!r} is unknown", f"use one of {POLICIES}")
+        if not (0 <= self.port <= 65535):
+            raise ConfigError("router.port", f"{self.port!r} is not a TCP port", "use 1..65535, or 0 for a free one")
+        if not is_loopback(self.host) and not self.api_key:
+            raise ConfigError("router.host", f"{self.host!r} accepts other machines but api_key is not set",
+                              "set router.api_key or bind to 127.0.0.1")
+        if self.health_check_interval_s < 1:
+            raise ConfigError("router.health_check_interval_s", f"{self.health_check_interval_s!r} < 1",
+                              "use whole seconds, at least 1")
+
+
+class SGLangRouter:
+    """One ``sglang-router`` process in its own process group; ``start()``, ``wait_healthy()``, ``stop()``."""
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self._port = config.port or free_port(config.host if config.host != "localhost" else "127.0.0.1")
+        self._log_dir = config.log_dir or tempfile.mkdtemp(prefix="alp-router-")
+        self._process: Optional[ManagedProcess] = None
+
+    @property
+    def url(self) -> str:
+        return base_url(self.config.host, self._port)
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self._log_dir, f"router-{self._port}.log")
+
+    def command(self) -> list[str]:
+        cfg = self.config
+        cmd = [
+            sys.executable, "-m", "sglang_router.launch_router",
+            "--worker-urls", *cfg.worker_urls,
+            "--policy", cfg.policy, "--host", cfg.host, "--port", str(self._port),
+            "--health-check-interval-secs", str(cfg.health_check_interval_s),
+            "--log-level", "warn",
+        ]
+        if cfg.api_key:
+            cmd += ["--api-key", cfg.api_key]
+        return cmd + list(cfg.extra_args)
+
+    def start(self) -> "SGLangRouter":
+        if self._process is not None and self._process.is_alive():
+            raise RuntimeError(f"router {self.url} is already running (pid {self.pid})")
+        self._process = ManagedProcess(f"sglang-router {self.url}", self.command(), dict(os.environ), self.log_path)
+        self._process.start()
+        return self
+
+    def wait_healthy(self, timeout: Optional[float] = None) -> "SGLangRouter":
+        """Block until the router is ready (``/readiness``: its workers are registered and healthy); raise
+        :class:`ServerStartError` with its log tail if not."""
+        timeout = self.config.startup_timeout_s if timeout is None else timeout
+        problem = self._process.wait_http_ok(self.url, "/readiness", timeout)
+        if problem is not None:
+            tail = self._process.log_tail(60)
+            self.stop()
+            raise ServerStartError("sglang-router", self.url, problem, self.log_path, tail)
+        return self
+
+    def workers(self) -> list:
+        """The router's view of its workers (``GET /workers``)."""
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else None
+        answer = requests.get(self.url + "/workers", headers=headers, timeout=10)
+        answer.raise_for_status()
+        body = answer.json()
+        return body.get("workers", body) if isinstance(body, dict) else body
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._process is not None:
+            self._process.stop(timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self._process.log_tail(lines) if self._process is not None else ""
+
+    def __enter__(self) -> "SGLangRouter":
+        self.start()
+        try:
+            return self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

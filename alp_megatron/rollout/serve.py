@@ -1,0 +1,61 @@
+"""Run one SGLang server in the foreground (for launch scripts): the same launcher the trainer uses, so the
+CPU import stand-ins and flags apply when there is no GPU. Stops the server on SIGTERM/SIGINT.
+
+    python -m alp_megatron.rollout.serve --model-path DIR --port 30000 [--host 0.0.0.0 --api-key KEY]
+        [--tp-size N] [--dtype bfloat16] [--weight-version v0] [-- extra sglang.launch_server args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from alp_megatron.errors import AlpError
+from alp_megatron.rollout.server import ServerConfig, SGLangServer
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--tp-size", type=int, default=1)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--weight-version", default="v0")
+    parser.add_argument("--log-dir", default=None)
+    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        server = SGLangServer(ServerConfig(
+            model_path=args.model_path, port=args.port, host=args.host, api_key=args.api_key,
+            tp_size=args.tp_size, dtype=args.dtype, weight_version=args.weight_version, extra_args=tuple(extra),
+            log_dir=args.log_dir, startup_timeout_s=args.startup_timeout))
+        server.start()
+        server.wait_healthy()
+    except AlpError as error:
+        print(f"serve: {error}", file=sys.stderr)
+        return 1
+    print(f"SGLang server ready at {server.url} (log {server.log_path})", flush=True)
+    try:
+        while not stop.wait(2.0):
+            if not server.is_alive():
+                print(f"serve: the SGLang server died; log tail:\n{server.log_tail(40)}", file=sys.stderr)
+                return 1
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

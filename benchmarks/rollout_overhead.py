@@ -1,0 +1,125 @@
+"""Rollout overhead: tokens/s through our Sampler against direct batched ``/generate`` calls, same server.
+
+Both paths generate the same work (``prompts`` groups of ``n`` samples, ``max_new_tokens`` each, EOS
+ignored, logprobs returned) on the same server in the same run, interleaved round by round, with the
+prefix cache flushed before every run. The direct path sends every sample in one ``/generate`` call
+with plain aiohttp (no validation, no sample objects); the sampler path sends one call per group
+through ``RolloutClient`` with all groups in flight. Each round runs both paths back to back (order
+alternating); the printed ratio is the median over rounds of sampler / direct tokens/s in the same
+round, which cancels slow drifts of a shared machine. 1.0 means no overhead.
+
+    python benchmarks/rollout_overhead.py                     # starts a server on the tiny model
+    python benchmarks/rollout_overhead.py --url http://127.0.0.1:30000 --model-path /path/to/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import aiohttp
+
+from alp_megatron.rollout.client import ClientConfig, RolloutClient, model_vocab_size
+from alp_megatron.rollout.engine_control import EngineControl
+from alp_megatron.rollout.sampler import Sampler, SamplerConfig
+from alp_megatron.rollout.server import ServerConfig, SGLangServer
+from alp_megatron.rollout.types import SamplingConfig
+
+
+def make_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab_size) for _ in range(length - 1)] for _ in range(count)]
+
+
+async def direct_run(url: str, prompts, n: int, params: dict) -> int:
+    """All samples in one batched ``/generate`` call; returns the number of generated tokens."""
+    body = {"input_ids": [prompt for prompt in prompts for _ in range(n)], "sampling_params": params,
+            "return_logprob": True}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        async with session.post(url + "/generate", json=body) as response:
+            response.raise_for_status()
+            answers = await response.json()
+    return sum(len(answer["output_ids"]) for answer in answers)
+
+
+async def sampler_run(url: str, vocab_size: int, prompts, sampling: SamplingConfig) -> int:
+    client = RolloutClient(ClientConfig(urls=[url], vocab_size=vocab_size))
+    sampler = Sampler(client, SamplerConfig(sampling, groups_in_flight=len(prompts), show_progress=False))
+    try:
+        batch = await sampler.rollout(prompts)
+    finally:
+        await client.close()
+    assert len(batch.complete_groups()) == len(prompts)
+    return batch.num_tokens()
+
+
+def timed(coroutine_factory) -> tuple[int, float]:
+    start = time.perf_counter()
+    tokens = asyncio.run(coroutine_factory())
+    return tokens, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def tiny_server():
+    from alp_megatron.model.tiny import save_tiny_model
+
+    folder = tempfile.mkdtemp(prefix="alp-bench-")
+    model_path = save_tiny_model(folder, max_position_embeddings=2048)
+    config = ServerConfig(model_path=model_path, dtype="float32", extra_args=(
+        "--max-total-tokens", "32768", "--max-running-requests", "256", "--context-length", "2048",
+        "--log-level", "warning"))
+    with SGLangServer(config) as server:
+        yield server.url, model_path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="an SGLang server to measure (default: start one on the tiny model)")
+    parser.add_argument("--model-path", help="the model the --url server serves (for its vocab size)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.url and not args.model_path:
+        parser.error("--url needs --model-path (the served model, for its vocabulary size)")
+
+    with (contextlib.nullcontext((args.url, args.model_path)) if args.url else tiny_server()) as (url, model_path):
+        vocab = model_vocab_size(model_path)
+        prompts = make_prompts(args.prompts, args.prompt_len, vocab)
+        sampling = SamplingConfig(n=args.n, max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        params = sampling.sglang_params()
+        control = EngineControl(url)
+        paths = {
+            "direct": lambda: direct_run(url, prompts, args.n, params),
+            "sampler": lambda: sampler_run(url, vocab, prompts, sampling),
+        }
+        for path in paths.values():  # warm-up, not counted
+            timed(path)
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        for round_index in range(args.rounds):
+            order = list(paths) if round_index % 2 == 0 else list(reversed(paths))
+            for name in order:
+                control.flush_cache()
+                tokens, seconds = timed(paths[name])
+                rates[name].append(tokens / seconds)
+                print(f"round {round_index} {name:8s} {tokens} tokens in {seconds:.2f} s "
+                      f"= {tokens / seconds:.0f} tok/s", flush=True)
+        ratios = [ours / direct for ours, direct in zip(rates["sampler"], rates["direct"])]
+        print(f"workload: {args.prompts} prompts x n={args.n} x {args.max_new_tokens} new tokens, "
+              f"prompt {args.prompt_len} tokens, {args.rounds} interleaved rounds")
+        print(f"direct batched /generate: {statistics.median(rates['direct']):.0f} tok/s (median)")
+        print(f"sampler:                  {statistics.median(rates['sampler']):.0f} tok/s (median)")
+        print(f"ratio sampler/direct:     {statistics.median(ratios):.3f} (median of per-round ratios; "
+              f"range {min(ratios):.2f}-{max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""What an SGLang server needs to start on a machine without a GPU: import stand-ins, env vars, flags.
+
+Upstream limitation: SGLang 0.5.23 runs on CPU (``--device cpu``, ``SGLANG_USE_CPU_ENGINE=1``) with its
+torch-native attention and sampling, but two packages it imports at module level cannot be installed
+for CPU from PyPI:
+
+* ``sgl_kernel``: the CPU build (``sglang-kernel-cpu``, compiled from ``sgl-kernel/csrc/cpu``) is not
+  published; PyPI's ``sglang-kernel`` is CUDA-only and fails to load without ``libcuda.so.1``. SGLang
+  imports kernel names from it unconditionally on CPU (``from sgl_kernel import ...`` in the KV-cache and
+  memory modules), although the torch-native paths never call them.
+* ``torchvision``: PyPI's x86_64 build is compiled against CUDA torch and raises
+  ``operator torchvision::nms does not exist`` beside ``torch+cpu``; SGLang imports
+  ``torchvision.transforms`` on the config-loading path of every model.
+
+``sglang_cpu/`` beside this file holds two stand-in packages that satisfy those imports (every name
+raises ``NotImplementedError`` when called). They are put on the **server process's** ``PYTHONPATH``
+only, never imported into ours, and only when ``torch.cuda.is_available()`` is False; on a GPU machine
+the real packages are used and :func:`server_environment` adds no path. The stand-ins depend on the
+lazy-import structure of one SGLang release, so every entry point checks the installed version first
+(:func:`check_version`). ``tests/patches/test_sglang.py`` shows the stand-ins are needed and sufficient.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from typing import Mapping, Optional
+
+from packaging.version import Version
+
+SUPPORTED_VERSION = Version("0.5.23")
+
+# Flags without which a CPU server does not start or reaches a stand-in kernel: torch-native attention
+# and sampling, no overlap scheduler (it needs CUDA streams), no grammar backend (xgrammar's CPU path is
+# not needed for RL rollouts and pulls more kernels). --sleep-on-idle: an idle scheduler otherwise
+# busy-polls and holds one CPU core at ~75% (measured), which starves the trainer on the same CPUs.
+CPU_SERVER_ARGS: tuple[str, ...] = (
+    "--attention-backend", "torch_native",
+    "--sampling-backend", "pytorch",
+    "--disable-overlap-schedule",
+    "--grammar-backend", "none",
+    "--sleep-on-idle",
+)
+
+# SGLang picks its platform from this variable; without it the generic path imports vllm kernels.
+# ALP_SGLANG_SEEDED_SAMPLING: request seeds are honoured on CPU (sglang_cpu/sitecustomize.py).
+CPU_ENV: Mapping[str, str] = {"SGLANG_USE_CPU_ENGINE": "1", "ALP_SGLANG_SEEDED_SAMPLING": "1"}
+
+
+def installed_version() -> Optional[Version]:
+    """The installed sglang version, or None when sglang is not installed."""
+    try:
+        return Version(metadata.version("sglang"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_version(version: Optional[Version | str] = None) -> Version:
+    """Return the sglang version (``version`` or the installed one); raise if it is not the supported one."""
+    found = installed_version() if version is None else Version(str(version))
+    if found is None:
+        raise RuntimeError(
+            f"sglang is not installed; install sglang=={SUPPORTED_VERSION} "
+            "(`pip install 'alp-megatron[sglang]'` on a GPU machine, `make venv` for the CPU recipe)"
+        )
+    if found != SUPPORTED_VERSION:
+        raise RuntimeError(
+            f"sglang {found} is installed, but alp-megatron's rollout client and CPU stand-ins were verified "
+            f"only on sglang=={SUPPORTED_VERSION} (its weight-update HTTP API changes between releases); "
+            f"install sglang=={SUPPORTED_VERSION}"
+        )
+    return found
+
+
+def cpu_stand_ins_dir() -> str:
+    """The folder holding the ``sgl_kernel`` and ``torchvision`` stand-in packages."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_cpu")
+
+
+def needs_cpu_stand_ins() -> bool:
+    """True on a machine without a usable CUDA device, where the stand-ins must be on the server's path."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def server_environment(base: Optional[Mapping[str, str]] = None, device: str = "cpu") -> dict[str, str]:
+    """The environment for an SGLang server process on ``device``, built from ``base`` (default os.environ).
+
+    For ``device="cpu"`` it sets :data:`CPU_ENV`; when there is no GPU it also prepends
+    :func:`cpu_stand_ins_dir` to ``PYTHONPATH``. Otherwise ``base`` is returned unchanged (as a copy).
+    """
+    check_version()
+    env = dict(os.environ if base is None else base)
+    if device == "cpu":
+        env.update(CPU_ENV)
+    if needs_cpu_stand_ins():
+        existing = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = cpu_stand_ins_dir() + (os.pathsep + existing if existing else "")
+    return env
+
+
+def server_args(device: str) -> tuple[str, ...]:
+    """Launch flags SGLang needs on ``device`` beyond the user's own (:data:`CPU_SERVER_ARGS` on CPU)."""
+    return CPU_SERVER_ARGS if device == "cpu" else ()

@@ -1,0 +1,114 @@
+"""The SGLang CPU stand-ins (``patches/sglang.py``) are needed and sufficient, and the version guard holds.
+
+One fresh process (CPU engine on) imports SGLang's scheduler and HTTP server modules three times,
+putting one more stand-in on ``sys.path`` before each try: with none the model configs fail on
+``torchvision``; with the ``torchvision`` stand-in the KV-cache kernels fail on ``sgl_kernel``; with
+both the modules import. (One process instead of three: each import of SGLang costs ~10 s of CPU.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alp_megatron._patches import sglang as sglang_patch
+
+STAGED_IMPORT = """
+import importlib, json, os, sys
+stand_ins, scratch = sys.argv[1], sys.argv[2]
+for added in (None, "torchvision", "sgl_kernel"):
+    if added:
+        folder = os.path.join(scratch, added)
+        os.makedirs(folder)
+        os.symlink(os.path.join(stand_ins, added), os.path.join(folder, added))
+        sys.path.insert(0, folder)
+        importlib.invalidate_caches()
+    try:
+        import sglang.srt.managers.scheduler, sglang.srt.entrypoints.http_server
+        outcome = "imported"
+    except ImportError as error:
+        outcome = str(error)
+    print(json.dumps({"added": added, "outcome": outcome}), flush=True)
+"""
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-ins are used only without a GPU")
+
+
+@pytest.fixture(scope="module")
+def staged_import(tmp_path_factory) -> dict:
+    """Outcome of the import after adding no stand-in, the torchvision one, then the sgl_kernel one."""
+    scratch = tmp_path_factory.mktemp("stand-ins")
+    env = {**os.environ, **sglang_patch.CPU_ENV, "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, "-c", STAGED_IMPORT, sglang_patch.cpu_stand_ins_dir(), str(scratch)],
+                            env=env, cwd=str(scratch), capture_output=True, text=True, timeout=600)
+    outcomes = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            step = json.loads(line)
+            outcomes[step["added"]] = step["outcome"]
+    assert len(outcomes) == 3, result.stdout[-2000:] + result.stderr[-3000:]
+    return outcomes
+
+
+@cpu_only
+def test_real_packages_are_absent_here():
+    for name in ("sgl_kernel", "torchvision"):
+        found = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True)
+        assert found.returncode != 0 and "No module named" in found.stderr, name
+
+
+@cpu_only
+def test_without_stand_ins_the_server_modules_fail_on_torchvision(staged_import):
+    assert staged_import[None] == "No module named 'torchvision'"
+
+
+@cpu_only
+def test_without_sgl_kernel_stand_in_the_server_modules_fail_on_sgl_kernel(staged_import):
+    assert staged_import["torchvision"] == "No module named 'sgl_kernel'"
+
+
+@cpu_only
+def test_with_both_stand_ins_the_server_modules_import(staged_import):
+    assert staged_import["sgl_kernel"] == "imported"
+
+
+def test_stand_ins_satisfy_any_import_and_raise_when_called(tmp_path):
+    script = (
+        "import sgl_kernel, torchvision\n"
+        "from sgl_kernel.kvcacheio import transfer_kv_all_layer\n"
+        "from torchvision.transforms import InterpolationMode, functional\n"
+        "class Resize(torchvision.transforms.Compose): pass\n"
+        "mode = InterpolationMode.BICUBIC\n"
+        "assert sgl_kernel.STAND_IN and torchvision.STAND_IN\n"
+        "for call in (lambda: transfer_kv_all_layer(1), lambda: functional.resize(1), lambda: Resize()):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except NotImplementedError as error:\n"
+        "        print('raised:', error)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": sglang_patch.cpu_stand_ins_dir()}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert "sgl_kernel.kvcacheio.transfer_kv_all_layer is not available" in lines[0]
+    assert "torchvision.transforms.functional.resize is not available" in lines[1]
+
+
+def test_version_guard_accepts_only_the_verified_release():
+    assert sglang_patch.check_version() == sglang_patch.SUPPORTED_VERSION
+    for other in ("0.5.22", "0.5.24", "0.6.0"):
+        with pytest.raises(RuntimeError, match=r"sglang==0\.5\.23"):
+            sglang_patch.check_version(other)
+
+
+@cpu_only
+def test_cpu_server_environment_adds_stand_ins_and_cpu_engine():
+    env = sglang_patch.server_environment({"PYTHONPATH": "/elsewhere"}, device="cpu")
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep) == [sglang_patch.cpu_stand_ins_dir(), "/elsewhere"]
+    assert "--attention-backend" in sglang_patch.server_args("cpu") and sglang_patch.server_args("cuda") == ()

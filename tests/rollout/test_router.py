@@ -1,0 +1,106 @@
+"""Two real SGLang servers behind sglang-router: groups complete, and a server killed mid-rollout loses
+no sample (its requests are served by the other) and is restarted."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from alp_megatron.rollout.client import ClientConfig, RolloutClient
+from alp_megatron.rollout.engine_control import EngineControl
+from alp_megatron.rollout.process import group_running
+from alp_megatron.rollout.router import RouterConfig, SGLangRouter
+from alp_megatron.rollout.sampler import Sampler, SamplerConfig
+from alp_megatron.rollout.server import ServerSupervisor
+from alp_megatron.rollout.types import SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def router(servers, tmp_path_factory):
+    for server in servers:
+        if not server.is_alive():
+            server.restart()
+    config = RouterConfig([server.url for server in servers], policy="round_robin",
+                          log_dir=str(tmp_path_factory.mktemp("router-logs")))
+    with SGLangRouter(config) as started:
+        yield started
+    assert not group_running(started.pid)
+
+
+def _sampler(router, servers, client_config, **sampling):
+    config = ClientConfig(urls=[router.url], control_urls=[server.url for server in servers],
+                          vocab_size=client_config.vocab_size, max_attempts=10, retry_backoff_s=0.5)
+    return Sampler(RolloutClient(config), SamplerConfig(SamplingConfig(**sampling), groups_in_flight=4,
+                                                        show_progress=False))
+
+
+def _assert_every_group_full(batch, prompts, n):
+    keys = [(sample.group_id, sample.sample_index) for sample in batch.samples]
+    assert sorted(keys) == [(g, i) for g in range(len(prompts)) for i in range(n)]  # none lost, none twice
+    assert len(batch.complete_groups()) == len(prompts)
+    for sample in batch.samples:
+        assert sample.prompt_ids == prompts[sample.group_id]
+        assert len(sample.response_ids) == len(sample.rollout_logprobs) > 0
+
+
+def test_groups_complete_through_the_router(router, servers, client_config):
+    prompts = [[1, 5 + i, 6 + i] for i in range(6)]
+    sampler = _sampler(router, servers, client_config, n=4, max_new_tokens=24, ignore_eos=True)
+    batch = sampler.run(prompts)
+    _assert_every_group_full(batch, prompts, 4)
+    assert all(len(sample.response_ids) == 24 for sample in batch.samples)
+    assert {worker["url"] for worker in router.workers()} == {server.url for server in servers}
+
+
+def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, servers, client_config):
+    """Two rollouts run while one server is killed: one through the router (which sends the failed
+    requests to the other worker) and one whose client talks to both servers directly (our client
+    re-requests them on the survivor)."""
+    survivor, victim = servers
+    prompts = [[1, 10 + i, 11 + i] for i in range(8)]
+    sampling = dict(n=2, max_new_tokens=80, ignore_eos=True)
+    via_router = _sampler(router, servers, client_config, **sampling)
+    direct = Sampler(RolloutClient(ClientConfig(urls=[server.url for server in servers],
+                                                vocab_size=client_config.vocab_size, retry_backoff_s=0.2)),
+                     SamplerConfig(SamplingConfig(**sampling), groups_in_flight=4, show_progress=False))
+    for server in servers:
+        EngineControl(server.url).slow_down(0.02)
+    old_pid = victim.pid
+
+    async def scenario():
+        rollouts = asyncio.gather(via_router.rollout(prompts), direct.rollout(prompts))
+        await asyncio.sleep(1.5)
+        assert not rollouts.done(), "the rollouts ended before the kill; slow the servers down more"
+        os.killpg(victim.pid, signal.SIGKILL)
+        try:
+            return await rollouts
+        finally:
+            await via_router.client.close()
+            await direct.client.close()
+
+    with ServerSupervisor(servers, interval_s=1.0) as supervisor:
+        try:
+            batches = asyncio.run(scenario())
+        finally:
+            EngineControl(survivor.url).slow_down(None)
+        for batch in batches:
+            _assert_every_group_full(batch, prompts, 2)
+            assert all(len(sample.response_ids) == 80 for sample in batch.samples)
+        assert direct.client.stats.failures_by_url.get(victim.url, 0) >= 1  # requests were re-requested
+
+        deadline = time.monotonic() + victim.config.startup_timeout_s + 60
+        while supervisor.restarts[victim.url] == 0 and time.monotonic() < deadline:
+            time.sleep(1)
+    assert supervisor.restarts == {survivor.url: 0, victim.url: 1}
+    assert victim.pid != old_pid and not group_running(old_pid)
+    assert EngineControl(victim.url).health()
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the router takes the restarted worker back
+        healthy = {worker["url"] for worker in router.workers() if worker.get("is_healthy")}
+        if victim.url in healthy:
+            break
+        time.sleep(1)
+    assert victim.url in healthy

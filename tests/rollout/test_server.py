@@ -1,0 +1,70 @@
+"""Server launch config, control calls on a real SGLang server, and a stop that leaves no process behind."""
+
+import pytest
+
+from alp_megatron.errors import ConfigError
+from alp_megatron.rollout.engine_control import EngineControl
+from alp_megatron.rollout.errors import EngineError, EngineUnreachableError
+from alp_megatron.rollout.process import free_port, group_running
+from alp_megatron.rollout.server import ServerConfig
+
+
+def test_server_answers_health_model_info_and_weight_version(rollout_server, model_dirs):
+    control = EngineControl(rollout_server.url)
+    assert rollout_server.is_alive()
+    assert control.health() is True
+    info = control.model_info()
+    assert info["architectures"] == ["LlamaForCausalLM"]
+    assert control.weight_version() == "v0"
+    assert info["model_path"] in (model_dirs["v0"], model_dirs["v1"])  # the weights test may be mid-way
+    control.flush_cache()
+
+
+def test_error_names_url_endpoint_and_sglang_message(rollout_server):
+    control = EngineControl(rollout_server.url)
+    with pytest.raises(EngineError) as caught:
+        control.update_weights_from_disk("/no/such/checkpoint")
+    text = str(caught.value)
+    assert rollout_server.url in text and "/update_weights_from_disk" in text
+    assert caught.value.status == 400 and caught.value.message
+    assert control.weight_version() == "v0"  # the refused update changed nothing
+
+
+def test_unreachable_server_error_names_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(EngineUnreachableError) as caught:
+        EngineControl(url, timeout_s=5).health()
+    assert url in str(caught.value) and "/health" in str(caught.value)
+
+
+def test_stop_ends_the_whole_process_group(second_server):
+    pid = second_server.pid
+    assert group_running(pid) and EngineControl(second_server.url).health()
+    second_server.stop()
+    assert not second_server.is_alive()
+    assert not group_running(pid)
+    with pytest.raises(EngineUnreachableError):
+        EngineControl(second_server.url, timeout_s=5).health()
+
+
+@pytest.mark.parametrize("fields, field_name", [
+    (dict(host="0.0.0.0"), "host"),
+    (dict(port=70000), "port"),
+    (dict(tp_size=0), "tp_size"),
+    (dict(dtype="fp7"), "dtype"),
+    (dict(device="tpu"), "device"),
+    (dict(mem_fraction=1.5), "mem_fraction"),
+    (dict(extra_args=("--port", "1")), "extra_args"),
+    (dict(model_path="/no/such/model"), "model_path"),
+])
+def test_config_errors_name_the_field(fields, field_name, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as caught:
+        ServerConfig(**{"model_path": str(tmp_path), **fields})
+    assert caught.value.field == field_name
+
+
+def test_non_loopback_host_is_allowed_with_api_key(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    config = ServerConfig(model_path=str(tmp_path), host="0.0.0.0", api_key="secret")
+    assert config.api_key == "secret"
