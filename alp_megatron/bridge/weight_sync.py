@@ -1,0 +1,360 @@
+"""Push the trainer's weights into every SGLang engine, whole or not at all.
+
+One :meth:`WeightSync.sync` call, on the rank that drives the update:
+
+1. check that every engine answers ``/model_info`` (before anything is changed anywhere);
+2. pause generation on every engine (unless ``pause_mode`` is None: the caller pauses);
+3. open SGLang's weight-update session on every engine (tensor and distributed transports);
+4. stream the buckets through the transport (FP8-quantised first when the engines serve FP8), each
+   checked against the served checkpoint's names and shapes when its folder is readable here
+   (:class:`ServedManifest`); the last bucket carries the new ``weight_version``, so an engine reports it
+   only once it has every tensor;
+5. close the sessions, let the transport commit (the disk transport loads its folder here), check that
+   every engine reports the new version, and resume generation.
+
+Engines are addressed by their own URLs, never through ``sglang-router`` (it does not proxy these endpoints).
+On a failure the open sessions are closed and the transport torn down; the sync is then retried whole
+(``retries`` times, calling ``make_buckets`` again) or a :class:`WeightSyncError` names the engines. A
+failed engine is never resumed: its generation stays paused until a later sync succeeds.
+
+Retries re-run ``make_buckets``; when the buckets come from a Megatron export (a collective on every
+trainer rank), all ranks must make the same number of attempts, so set ``retries=0`` there unless the
+outcome is shared with the other ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+from alp_megatron.bridge import fp8
+from alp_megatron.bridge.transports import TRANSPORTS, Bucket, EngineTarget, TransportError, make_transport
+from alp_megatron.errors import AlpError, ConfigError
+from alp_megatron.rollout.engine_control import PAUSE_MODES, EngineControl
+from alp_megatron.rollout.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+FP8_MODES = ("auto", "on", "off")
+
+
+class WeightSyncError(AlpError):
+    """A weight update did not complete on every engine; ``urls`` names the engines that failed.
+
+    Engines that failed (and, after a partial push, the others) stay paused with their old
+    ``weight_version`` label: no rollout resumes on weights that are half updated.
+    """
+
+    def __init__(self, message: str, urls: Sequence[str] = ()):
+        self.urls = list(urls)
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One SGLang engine (a worker URL, not the router's) and its tensor-parallel size."""
+
+    url: str
+    tp_size: int = 1
+    api_key: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class WeightSyncConfig:
+    """How weights reach the engines.
+
+    ``transport``: one of ``tensor``, ``distributed``, ``disk``; ``transport_options``: that transport's
+    config fields. ``pause_mode``: how running requests are paused during the update (``retract`` re-queues
+    them, ``abort`` returns them, ``in_place`` keeps their KV cache; None: the caller pauses and resumes).
+    ``fp8``: ``auto`` quantises to 128x128 block FP8 when the served checkpoint's ``config.json`` declares
+    it. ``retries``: whole-sync attempts after the first; ``retry_wait_s`` between attempts.
+    ``timeout_s``: per HTTP control call. ``check_names``: check each bucket's names and shapes against the
+    served checkpoint (when its folder is readable here) before sending, see :class:`ServedManifest`.
+    """
+
+    engines: Sequence[EngineSpec]
+    transport: str = "tensor"
+    transport_options: dict = field(default_factory=dict)
+    pause_mode: Optional[str] = "retract"
+    fp8: str = "auto"
+    fp8_scale_format: str = "fp32"
+    retries: int = 1
+    retry_wait_s: float = 2.0
+    timeout_s: float = 600.0
+    check_names: bool = True
+
+    def __post_init__(self):
+        engines = tuple(EngineSpec(**e) if isinstance(e, dict) else e for e in self.engines)
+        object.__setattr__(self, "engines", engines)
+        if not engines:
+            raise ConfigError("weight_sync.engines", "no engine is listed", "list every SGLang worker URL")
+        for i, engine in enumerate(engines):
+            if not engine.url.startswith(("http://", "https://")):
+                raise ConfigError(f"weight_sync.engines[{i}].url", f"{engine.url!r} is not an http(s) URL",
+                                  "give the worker's base URL, e.g. http://10.0.0.5:30000")
+            if not isinstance(engine.tp_size, int) or engine.tp_size < 1:
+                raise ConfigError(f"weight_sync.engines[{i}].tp_size", f"{engine.tp_size!r} is not >= 1",
+                                  "give the engine's --tp-size")
+        if len({e.url.rstrip("/") for e in engines}) != len(engines):
+            raise ConfigError("weight_sync.engines", "an engine URL is listed twice", "list each worker once")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError("weight_sync.transport", f"{self.transport!r} is not a transport",
+                              f"choose one of {TRANSPORTS}")
+        if self.pause_mode is not None and self.pause_mode not in PAUSE_MODES:
+            raise ConfigError("weight_sync.pause_mode", f"{self.pause_mode!r} is not a pause mode",
+                              f"choose one of {PAUSE_MODES}, or null when the caller pauses generation")
+        if self.fp8 not in FP8_MODES:
+            raise ConfigError("weight_sync.fp8", f"{self.fp8!r} is not one of {FP8_MODES}",
+                              "use auto (follow the served checkpoint), on or off")
+        if self.fp8_scale_format not in fp8.SCALE_FORMATS:
+            raise ConfigError("weight_sync.fp8_scale_format", f"{self.fp8_scale_format!r} is not a scale format",
+                              f"choose one of {fp8.SCALE_FORMATS}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigError("weight_sync.retries", f"{self.retries!r} is not >= 0", "give 0 or more retries")
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one successful sync did."""
+
+    weight_version: str
+    transport: str
+    attempts: int
+    buckets: int
+    tensors: int
+    bytes: int
+    seconds: float
+    fp8: bool
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """``(item, is_last)`` for each item, reading one item ahead."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for upcoming in iterator:
+        yield current, False
+        current = upcoming
+    yield current, True
+
+
+class WeightSync:
+    """Drives weight updates into the engines of ``config`` (see the module docstring)."""
+
+    def __init__(self, config: WeightSyncConfig):
+        self.config = config
+        self.engines = [EngineTarget(EngineControl(e.url, api_key=e.api_key, timeout_s=config.timeout_s), e.tp_size)
+                        for e in config.engines]
+        self.transport = make_transport(config.transport, **config.transport_options)
+        self._fp8: Optional[bool] = None
+        self._touched = False  # whether the current attempt got past the read-only checks
+
+    def close(self) -> None:
+        """Tear the transport down (e.g. destroy the broadcast group) and close the HTTP clients."""
+        self.transport.close()
+        for engine in self.engines:
+            engine.control.close()
+
+    def __enter__(self) -> "WeightSync":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------------
+
+    def sync(self, make_buckets: Callable[[], Iterable[Bucket]], weight_version: str) -> SyncReport:
+        """Load the buckets ``make_buckets()`` yields into every engine and label them ``weight_version``.
+
+        ``make_buckets`` returns the full set of HF-named tensors as buckets (called again on a retry).
+        Raises :class:`WeightSyncError` when an attempt fails and no retry is left.
+        """
+        if not weight_version:
+            raise ValueError("weight_version must be a non-empty label")
+        attempts = 1 + self.config.retries
+        self._touched = False
+        for attempt in range(1, attempts + 1):
+            try:
+                report = self._attempt(make_buckets, weight_version, attempt)
+            except (EngineError, TransportError, OSError) as error:
+                urls = _failed_urls(error, self.engines)
+                self.transport.close()
+                if attempt < attempts and not isinstance(error, ManifestError):
+                    logger.warning("weight sync to %s failed (attempt %d of %d), retrying whole: %s",
+                                   urls or "the engines", attempt, attempts, error)
+                    time.sleep(self.config.retry_wait_s)
+                    continue
+                state = ("The engines stay paused with their old weight_version label (weights possibly half "
+                         "updated); fix the cause and sync again" if self._touched else
+                         "No engine was changed; fix the engine (or drop it from weight_sync.engines) and sync again")
+                raise WeightSyncError(
+                    f"weight update to version {weight_version!r} failed after {attempt} attempt(s) on "
+                    f"{urls or [e.url for e in self.engines]}: {error}. {state}", urls) from error
+            except BaseException:
+                # A trainer-side failure (e.g. in make_buckets): not retried; sessions are closed already
+                # and the engines stay paused.
+                self.transport.close()
+                raise
+            logger.info("weights %s loaded into %d engine(s) by %s in %.2f s (%d buckets, %.1f MiB)",
+                        weight_version, len(self.engines), report.transport, report.seconds, report.buckets,
+                        report.bytes / 2**20)
+            return report
+        raise AssertionError("unreachable")
+
+    def _attempt(self, make_buckets, weight_version: str, attempt: int) -> SyncReport:
+        start = time.perf_counter()
+        # /model_info, not /health: it answers while generation is paused (after a failed sync), costs no
+        # generation, and a router (which does not proxy the weight endpoints) refuses it.
+        self._each(lambda e: e.control.model_info())
+        quantise = self._serves_fp8()
+        self._touched = True
+        if self.config.pause_mode is not None:
+            self._each(lambda e: e.control.pause_generation(self.config.pause_mode))
+        # With in_place pausing the KV cache must survive the update, so the prefix cache is not flushed.
+        flush = self.config.pause_mode != "in_place"
+        self.transport.connect(self.engines)
+        opened: list[EngineTarget] = []
+        try:
+            if self.transport.requires_session:
+                for engine in self.engines:
+                    engine.control.begin_weight_update()
+                    opened.append(engine)
+            buckets = tensors = nbytes = 0
+            manifest = self._manifest()
+            for bucket, last in with_last(make_buckets()):
+                if quantise:
+                    bucket = fp8.quantize_bucket(bucket, scale_format=self.config.fp8_scale_format)
+                if manifest is not None:
+                    manifest.check(bucket, last)
+                self.transport.push(bucket, weight_version=weight_version if last else None,
+                                    flush_cache=flush and last)
+                buckets += 1
+                tensors += len(bucket)
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            if buckets == 0:
+                raise TransportError("make_buckets() yielded no bucket: nothing to load")
+            while opened:
+                opened[0].control.end_weight_update()
+                opened.pop(0)
+            self.transport.commit(weight_version, flush_cache=flush)
+        finally:
+            for engine in opened:  # only after a failure: close what is still open, keep the first error
+                try:
+                    engine.control.end_weight_update()
+                except EngineError as error:
+                    logger.warning("could not close the weight-update session on %s: %s", engine.url, error)
+        self._check_versions(weight_version)
+        if self.config.pause_mode is not None:
+            self._each(lambda e: e.control.continue_generation())
+        return SyncReport(weight_version, self.transport.name, attempt, buckets, tensors, nbytes,
+                          time.perf_counter() - start, quantise)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _each(self, call) -> None:
+        """Run ``call(engine)`` on every engine at once; raise the first failure after all have answered."""
+        with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="weights-ctl") as pool:
+            futures = [pool.submit(call, engine) for engine in self.engines]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+
+    def _check_versions(self, weight_version: str) -> None:
+        for engine in self.engines:
+            served = engine.control.weight_version()
+            if served != weight_version:
+                raise TransportError(f"{engine.url} reports weight_version {served!r} after the update to "
+                                     f"{weight_version!r}: the last bucket was not loaded there")
+
+    def _manifest(self) -> Optional["ServedManifest"]:
+        if not self.config.check_names:
+            return None
+        path = self.engines[0].control.model_info().get("model_path", "")
+        if not os.path.isdir(path):
+            logger.info("%s serves %r, not readable here: tensor names and shapes are not checked before sending",
+                        self.engines[0].url, path)
+            return None
+        return ServedManifest(path)
+
+    def _serves_fp8(self) -> bool:
+        if self.config.fp8 != "auto":
+            return self.config.fp8 == "on"
+        if self._fp8 is None:
+            verdicts = {}
+            for engine in self.engines:
+                path = engine.control.model_info().get("model_path", "")
+                if not os.path.isfile(os.path.join(path, "config.json")):
+                    raise ConfigError("weight_sync.fp8", f"{engine.url} serves {path!r}, which is not readable here, "
+                                      "so 'auto' cannot tell whether it serves FP8", "set it to 'on' or 'off'")
+                verdicts[engine.url] = fp8.served_fp8_config(path) is not None
+            if len(set(verdicts.values())) > 1:
+                raise ConfigError("weight_sync.engines", f"some engines serve FP8 and some do not: {verdicts}",
+                                  "serve the same checkpoint format on every engine")
+            self._fp8 = next(iter(verdicts.values()))
+        return self._fp8
+
+
+class ManifestError(TransportError):
+    """The buckets do not fit the served checkpoint (unknown name, wrong shape, missing tensor): not retried."""
+
+
+class ServedManifest:
+    """Names and shapes of the tensors in the checkpoint the engines serve, to check buckets against.
+
+    SGLang's ``load_weights`` silently skips a name it does not know, and its scheduler dies on a tensor of
+    the wrong shape; both are caught here, on the trainer, before the bucket is sent. Before the last bucket
+    the union of all names must cover the checkpoint, so a missing tensor fails the sync before the new
+    ``weight_version`` is stamped.
+    """
+
+    # Buffers some checkpoints carry that no trainer exports and SGLang recomputes.
+    _NOT_EXPORTED = ("rotary_emb.inv_freq",)
+
+    def __init__(self, model_dir: str):
+        from safetensors import safe_open
+
+        self.model_dir = model_dir
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(model_dir, name), "pt") as f:
+                    for key in f.keys():
+                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
+        self.seen: set[str] = set()
+
+    def check(self, bucket: Bucket, last: bool) -> None:
+        """Raise :class:`TransportError` naming any tensor of ``bucket`` the served model lacks or shapes
+        differently, and (when ``last``) any served tensor no bucket carried."""
+        if not self.shapes:
+            return
+        problems = []
+        for name, tensor in bucket:
+            if name not in self.shapes:
+                problems.append(f"{name} is not a tensor of the served model")
+            elif tuple(tensor.shape) != self.shapes[name]:
+                problems.append(f"{name} has shape {tuple(tensor.shape)}, the served model {self.shapes[name]}")
+            self.seen.add(name)
+        if last and not problems:
+            missing = sorted(n for n in self.shapes if n not in self.seen and not n.endswith(self._NOT_EXPORTED))
+            if missing:
+                problems.append(f"{len(missing)} tensors of the served model were not exported: "
+                                f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if problems:
+            raise ManifestError(
+                f"the buckets do not match the model served from {self.model_dir}: " + "; ".join(problems[:8])
+                + ". Fix: export every tensor of the served architecture under its HF name and shape "
+                "(or set weight_sync.check_names to false for a model the served folder does not describe)")
+
+
+def _failed_urls(error: Exception, engines: Sequence[EngineTarget]) -> list[str]:
+    """The engine URLs an error names (EngineError carries its URL; other errors are searched by text)."""
+    if isinstance(error, EngineError):
+        return [error.url]
+    text = str(error)
+    return [e.url for e in engines if e.url in text]

@@ -1,0 +1,143 @@
+"""Block-wise FP8 quantisation of rollout weights: shapes, error bound, agreement with SGLang's own code."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from alp_megatron.bridge import fp8
+
+SHAPES = [(256, 384), (300, 200), (128, 1), (1, 130), (4, 257, 129)]
+
+
+def _weight(shape, seed=0, scale=0.05):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=generator) * scale
+    # Blocks of very different magnitude, so a wrong block index changes the scale visibly.
+    return x * torch.linspace(0.01, 10.0, x.shape[-1])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shapes_and_dtypes(shape):
+    q, scale_inv = fp8.quantize_blockwise(_weight(shape))
+    *batch, n, k = shape
+    assert q.shape == torch.Size(shape) and q.dtype == torch.float8_e4m3fn
+    assert scale_inv.shape == torch.Size([*batch, -(-n // 128), -(-k // 128)])
+    assert scale_inv.dtype == torch.float32
+
+
+@pytest.mark.parametrize("scale_format", fp8.SCALE_FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantised_error_bound(shape, scale_format):
+    x = _weight(shape)
+    q, scale_inv = fp8.quantize_blockwise(x, scale_format=scale_format)
+    restored = fp8.dequantize_blockwise(q, scale_inv)
+    # e4m3 keeps 3 mantissa bits: relative rounding error <= 2^-4 for normals, and an absolute error of at
+    # most half the smallest subnormal (2^-10) times the block's scale below them.
+    scale = scale_inv.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., : shape[-2], : shape[-1]]
+    bound = x.abs() * 2.0**-4 + scale * 2.0**-10
+    assert ((restored - x).abs() <= bound * (1 + 1e-6)).all()
+    # and the scale uses the fp8 range: the largest element of each block maps to at most 448
+    assert q.float().abs().max() <= fp8.E4M3_MAX
+
+
+def test_scale_is_block_amax_over_448_including_partial_blocks():
+    x = _weight((300, 200))
+    _, scale_inv = fp8.quantize_blockwise(x)
+    for i, rows in enumerate([(0, 128), (128, 256), (256, 300)]):
+        for j, cols in enumerate([(0, 128), (128, 200)]):
+            block = x[rows[0]:rows[1], cols[0]:cols[1]]
+            assert scale_inv[i, j] == pytest.approx(float(block.abs().max()) / 448.0, rel=1e-6)
+
+
+def test_zero_block_stays_zero_with_finite_scale():
+    x = torch.zeros(128, 256)
+    x[:, 128:] = 1.0
+    q, scale_inv = fp8.quantize_blockwise(x)
+    assert torch.isfinite(scale_inv).all() and (scale_inv > 0).all()
+    assert (q[:, :128].float() == 0).all()
+    assert torch.equal(fp8.dequantize_blockwise(q, scale_inv), x)
+
+
+def test_ue8m0_scales_are_powers_of_two():
+    _, scale_inv = fp8.quantize_blockwise(_weight((300, 200)), scale_format="ue8m0")
+    mantissa, _ = torch.frexp(scale_inv)
+    assert (mantissa == 0.5).all()
+
+
+def test_only_linears_sglang_quantises_are_converted():
+    bucket = [
+        ("model.embed_tokens.weight", torch.randn(64, 32)),
+        ("model.layers.0.input_layernorm.weight", torch.ones(32)),
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(32, 32)),
+        ("model.layers.0.self_attn.q_proj.bias", torch.randn(32)),
+        ("model.layers.0.mlp.gate.weight", torch.randn(4, 32)),  # MoE router
+        ("model.layers.0.mlp.shared_expert_gate.weight", torch.randn(1, 32)),
+        ("model.layers.0.mlp.experts.3.down_proj.weight", torch.randn(32, 16)),
+        ("model.layers.0.mlp.shared_expert.up_proj.weight", torch.randn(16, 32)),
+        ("model.layers.1.self_attn.o_proj.weight", torch.randn(32, 32)),
+        ("lm_head.weight", torch.randn(64, 32)),
+    ]
+    out = dict(fp8.quantize_bucket(bucket, ignored=["model.layers.1.self_attn.o_proj"]))
+    quantised = {n for n, t in out.items() if t.dtype == torch.float8_e4m3fn}
+    assert quantised == {
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.experts.3.down_proj.weight",
+        "model.layers.0.mlp.shared_expert.up_proj.weight",
+    }
+    for name in quantised:
+        scale = out[name.replace(".weight", ".weight_scale_inv")]
+        assert scale.dtype == torch.float32 and scale.shape == (1, 1)
+    for name, tensor in bucket:
+        if name not in quantised:
+            assert out[name] is tensor
+    assert len(out) == len(bucket) + len(quantised)
+
+
+def test_served_fp8_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(fp8.with_fp8_quantization_config({"model_type": "llama"})))
+    assert fp8.served_fp8_config(str(tmp_path))["weight_block_size"] == [128, 128]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert fp8.served_fp8_config(str(tmp_path)) is None
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ValueError, match="block-wise"):
+        fp8.served_fp8_config(str(tmp_path))
+
+
+_SGLANG_SIDE = textwrap.dedent("""
+    import sys, torch
+    from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant, per_block_cast_to_fp8
+    data = torch.load(sys.argv[1])
+    out = {}
+    for key, x in data["inputs"].items():
+        out["cast_" + key] = per_block_cast_to_fp8(x)
+    for key, (q, s) in data["ours"].items():
+        out["dequant_" + key] = block_quant_dequant(q, s, [128, 128], torch.float32)
+    torch.save(out, sys.argv[2])
+""")
+
+
+def test_agrees_with_sglang_block_fp8(tmp_path):
+    """SGLang's loader dequantises our (weight, weight_scale_inv) exactly as we do, and our UE8M0 mode is
+    bit-identical to DeepGEMM's ``per_block_cast_to_fp8`` that SGLang ships (fp32 and bf16 inputs)."""
+    from alp_megatron._patches.sglang import server_environment
+
+    inputs = {"fp32": _weight((300, 200)), "bf16": _weight((256, 130), seed=1).to(torch.bfloat16)}
+    ours = {key: fp8.quantize_blockwise(x) for key, x in inputs.items()}
+    torch.save({"inputs": inputs, "ours": ours}, tmp_path / "in.pt")
+    # SGLang's quantization package imports model configs that need the CPU stand-ins: its own process.
+    subprocess.run([sys.executable, "-c", _SGLANG_SIDE, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=server_environment(dict(os.environ), device="cpu"), check=True, capture_output=True, timeout=120)
+    sglang = torch.load(tmp_path / "out.pt")
+    for key, x in inputs.items():
+        q, s = ours[key]
+        assert torch.equal(sglang["dequant_" + key], fp8.dequantize_blockwise(q, s))
+        q_ue8m0, s_ue8m0 = fp8.quantize_blockwise(x, scale_format="ue8m0")
+        q_ref, s_ref = sglang["cast_" + key]
+        assert torch.equal(q_ue8m0.view(torch.uint8), q_ref.view(torch.uint8))
+        assert torch.equal(s_ue8m0, s_ref)
+

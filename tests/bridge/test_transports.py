@@ -1,0 +1,411 @@
+"""Each weight transport updates a real SGLang server (CPU here) to the trainer's weights, whole or not at all.
+
+The "trainer" is a second tiny HF model with other weights; its ``transformers`` forward in fp32 gives the
+reference logprobs. Buckets come from its safetensors files (no Megatron needed). One server per module.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+
+import pytest
+import requests
+import torch
+
+from alp_megatron.bridge.transports import (
+    WeightTransport,
+    aligned_order,
+    flatten_bucket,
+    make_transport,
+)
+from alp_megatron.bridge.verify import verify_update
+from alp_megatron.bridge.weight_sync import EngineSpec, WeightSync, WeightSyncConfig, WeightSyncError
+from alp_megatron.errors import ConfigError
+from alp_megatron.rollout.engine_control import EngineControl
+from alp_megatron.rollout.process import free_port
+from tests.sglang_fixtures import launch_server, tiny_model
+
+PROMPTS = [[1, 5, 20, 33, 41, 7], [1, 40, 41, 42, 19, 22, 30, 12, 9], [1, 3]]
+BUCKET_BYTES = 64 * 1024  # the tiny model (~0.4 MB) travels in several buckets
+TOLERANCE = 1e-4
+
+
+# -------------------------------------------------------------------------------------------------
+# Helpers shared with test_verify.py
+
+
+def load_tensors(model_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder's safetensors files, by HF name, in file order."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def buckets_of(tensors: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES):
+    """A factory of buckets of at most ``bucket_bytes`` (a tensor larger than that gets its own bucket)."""
+
+    def make():
+        bucket, size = [], 0
+        for name, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, tensor))
+            size += nbytes
+        if bucket:
+            yield bucket
+
+    return make
+
+
+class HFReference:
+    """Logprobs of token sequences under an HF model folder, ``transformers`` forward in fp32."""
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def __call__(self, sequences):
+        out = []
+        for sequence in sequences:
+            ids = torch.tensor([sequence])
+            logits = self.model(ids).logits.float()
+            logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+            out.append(logprobs.gather(-1, ids[0, 1:, None])[:, 0])
+        return out
+
+
+def engine_logprobs(url: str, prompts=PROMPTS) -> list[list[float]]:
+    """The engine's logprobs of each prompt token after the first (no generation)."""
+    answer = requests.post(url + "/generate", json={
+        "input_ids": prompts, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+        "return_logprob": True, "logprob_start_len": 0}, timeout=60)
+    answer.raise_for_status()
+    return [[lp for lp, _, _ in item["meta_info"]["input_token_logprobs"][1:]] for item in answer.json()]
+
+
+def max_logprob_diff(url: str, reference: HFReference) -> float:
+    served = engine_logprobs(url)
+    expected = reference(PROMPTS)
+    return max(float((torch.tensor(s, dtype=torch.float64) - e.double()).abs().max())
+               for s, e in zip(served, expected))
+
+
+# -------------------------------------------------------------------------------------------------
+# Fixtures: one served model (seed 0) and three "trainer" models with other weights.
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transport-models")
+    return {seed: tiny_model(root / f"seed{seed}", seed=seed) for seed in (0, 1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    with launch_server(models[0], log_dir=str(tmp_path_factory.mktemp("logs"))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def references(models):
+    return {seed: HFReference(path) for seed, path in models.items()}
+
+
+def _sync_config(server, transport, **fields):
+    return WeightSyncConfig(engines=[EngineSpec(server.url)], transport=transport, retry_wait_s=0.1, **fields)
+
+
+def _assert_serves(server, reference, version):
+    control = EngineControl(server.url)
+    assert control.weight_version() == version
+    assert max_logprob_diff(server.url, reference) <= TOLERANCE
+    # full check: every 1:1 tensor exactly, and greedy continuations' logprobs
+    verify_update(control, prompts=PROMPTS, reference=reference, max_new_tokens=4, logprob_atol=TOLERANCE)
+
+
+# -------------------------------------------------------------------------------------------------
+# Engine-free parts
+
+
+def test_factory_builds_each_transport_and_refuses_unknown_names():
+    for name in ("tensor", "distributed", "disk"):
+        transport = make_transport(name)
+        assert isinstance(transport, WeightTransport) and transport.name == name
+    with pytest.raises(ConfigError, match="weight_sync.transport"):
+        make_transport("carrier-pigeon")
+    with pytest.raises(ConfigError, match="weight_sync.distributed.backend"):
+        make_transport("distributed", backend="mpi")
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match=r"weight_sync.engines\[0\].url"):
+        WeightSyncConfig(engines=[EngineSpec("localhost:30000")])
+    with pytest.raises(ConfigError, match="weight_sync.pause_mode"):
+        WeightSyncConfig(engines=[EngineSpec("http://a:1")], pause_mode="later")
+    with pytest.raises(ConfigError, match="weight_sync.engines"):
+        WeightSyncConfig(engines=[EngineSpec("http://a:1"), EngineSpec("http://a:1/")])
+
+
+def test_flattened_bucket_round_trip_with_mixed_dtypes():
+    """fp8 weights of odd sizes beside fp32 scales stay aligned, and SGLang's reader rebuilds them exactly."""
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    bucket = [("a", torch.randn(3, 5).to(torch.float8_e4m3fn)), ("b", torch.randn(1, 3)),
+              ("c", torch.randn(7).to(torch.bfloat16)), ("d", torch.randn(2, 2).to(torch.float8_e4m3fn))]
+    ordered = aligned_order(bucket)
+    buffer, metadata = flatten_bucket(ordered)
+    rebuilt = dict(FlattenedTensorBucket(flattened_tensor=buffer, metadata=metadata).reconstruct_tensors())
+    for name, tensor in bucket:
+        assert rebuilt[name].dtype == tensor.dtype
+        assert torch.equal(rebuilt[name].view(torch.uint8), tensor.view(torch.uint8))
+    with pytest.raises(ValueError, match="aligned_order"):
+        flatten_bucket(bucket)
+
+
+# -------------------------------------------------------------------------------------------------
+# Against the server
+
+
+@pytest.mark.parametrize("transport,seed", [("tensor", 1), ("distributed", 2), ("disk", 3)])
+def test_transport_updates_engine(server, models, references, transport, seed, tmp_path):
+    # the served weights differ from this model's before the update, so the check below is not vacuous
+    assert max_logprob_diff(server.url, references[seed]) > 1e-2
+    before = EngineControl(server.url).weight_version()
+    options = {"root": str(tmp_path)} if transport == "disk" else {}
+    with WeightSync(_sync_config(server, transport, transport_options=options)) as sync:
+        report = sync.sync(buckets_of(load_tensors(models[seed])), f"{transport}-1")
+    assert report.buckets > 1 and report.attempts == 1 and not report.fp8
+    assert before != f"{transport}-1"
+    _assert_serves(server, references[seed], f"{transport}-1")
+
+
+def test_distributed_group_is_reused_then_destroyed(server, models, references):
+    with WeightSync(_sync_config(server, "distributed")) as sync:
+        sync.sync(buckets_of(load_tensors(models[1])), "dist-a")
+        group = sync.transport.group_name
+        assert group is not None
+        sync.sync(buckets_of(load_tensors(models[2])), "dist-b")
+        assert sync.transport.group_name == group  # the second sync used the same group
+        _assert_serves(server, references[2], "dist-b")
+        sync.transport.close()
+        assert sync.transport.group_name is None
+        # a closed group is rebuilt (under a new name) by the next sync
+        sync.sync(buckets_of(load_tensors(models[1])), "dist-c")
+        assert sync.transport.group_name not in (None, group)
+    _assert_serves(server, references[1], "dist-c")
+
+
+def test_disk_transport_keeps_only_the_newest_folder(server, models, references, tmp_path):
+    with WeightSync(_sync_config(server, "disk", transport_options={"root": str(tmp_path)})) as sync:
+        sync.sync(buckets_of(load_tensors(models[2])), "disk-a")
+        first = sync.transport.current
+        sync.sync(buckets_of(load_tensors(models[3])), "disk-b/with slash")
+        second = sync.transport.current
+    assert first != second and not os.path.exists(first)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(second)]
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= set(os.listdir(second))
+    assert EngineControl(server.url).model_info()["model_path"] == second
+    _assert_serves(server, references[3], "disk-b/with slash")
+
+
+def test_unreachable_engine_is_named_and_nothing_is_applied(server, models, references):
+    """With a dead engine in the list, the error names its URL; the live engine is left as it was: old
+    weights, old version, no weight-update session left open, generation not paused."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    control = EngineControl(server.url)
+    version = control.weight_version()
+    before = engine_logprobs(server.url)
+    config = WeightSyncConfig(engines=[EngineSpec(server.url), EngineSpec(dead)], transport="tensor", retries=1,
+                              retry_wait_s=0.1)
+    with WeightSync(config) as sync, pytest.raises(WeightSyncError) as caught:
+        sync.sync(buckets_of(load_tensors(models[1])), "never")
+    assert dead in str(caught.value) and caught.value.urls == [dead]
+    assert "after 2 attempt(s)" in str(caught.value)
+    assert control.weight_version() == version
+    assert engine_logprobs(server.url) == before
+    control.begin_weight_update()  # refused if a session had been left open
+    control.end_weight_update()
+
+
+def _paused(url: str) -> bool:
+    """True if a generation request waits instead of running (generation is paused)."""
+    waiter = threading.Thread(target=engine_logprobs, args=(url,), daemon=True)
+    waiter.start()
+    waiter.join(timeout=3)
+    return waiter.is_alive()
+
+
+def test_failed_update_closes_the_session_and_keeps_the_engine_paused(server, models, references):
+    """Failures after some buckets were loaded (a tensor the served model shapes differently, caught before
+    it is sent; an export that fails mid-stream): the error names the tensor, the session is closed, the new
+    version is not stamped, and generation stays paused until a later sync succeeds."""
+    good = buckets_of(load_tensors(models[1]))
+    control = EngineControl(server.url)
+    version = control.weight_version()
+
+    def wrong_shape():
+        buckets = list(good())
+        last = buckets[-1]
+        i = max(i for i, (_, tensor) in enumerate(last) if tensor.dim() == 2)
+        name, tensor = last[i]
+        last[i] = (name, tensor[:, :-1].contiguous())
+        wrong_shape.name = name
+        return buckets
+
+    def export_fails():
+        buckets = good()
+        yield next(buckets)
+        yield next(buckets)
+        raise RuntimeError("export failed on a trainer rank")
+
+    with WeightSync(_sync_config(server, "tensor", retries=1)) as sync:
+        with pytest.raises(WeightSyncError) as caught:
+            sync.sync(wrong_shape, "bad-shape")
+        assert wrong_shape.name in str(caught.value) and "shape" in str(caught.value)
+        assert "after 1 attempt(s)" in str(caught.value)  # a mismatch with the served model is not retried
+        assert control.weight_version() == version
+        assert _paused(server.url)
+        control.begin_weight_update()  # no session was left open
+        control.end_weight_update()
+
+        with pytest.raises(RuntimeError, match="export failed"):
+            sync.sync(export_fails, "bad-export")
+        assert control.weight_version() == version
+        control.begin_weight_update()
+        control.end_weight_update()
+        assert _paused(server.url)
+
+        sync.sync(good, "good")  # a successful sync resumes generation
+    assert not _paused(server.url)
+    _assert_serves(server, references[1], "good")
+
+
+def test_pause_retract_lets_an_inflight_rollout_finish_on_new_weights(server, models):
+    """A rollout in flight during the sync is retracted, resumed on the new weights, and its tokens are
+    attributed to both versions."""
+    result = {}
+
+    def rollout():
+        result["answer"] = requests.post(server.url + "/generate", json={
+            "input_ids": [1, 5, 6], "sampling_params": {"max_new_tokens": 600, "temperature": 0.0,
+                                                        "ignore_eos": True}}, timeout=120).json()
+
+    version = EngineControl(server.url).weight_version()
+    thread = threading.Thread(target=rollout)
+    thread.start()
+    import time
+
+    time.sleep(0.5)
+    with WeightSync(_sync_config(server, "tensor", pause_mode="retract")) as sync:
+        sync.sync(buckets_of(load_tensors(models[2])), "during-rollout")
+    thread.join(timeout=120)
+    meta = result["answer"]["meta_info"]
+    assert meta["finish_reason"]["type"] == "length"
+    versions = [span["version"] for span in meta["weight_versions"]]
+    assert versions[0] == version and versions[-1] == "during-rollout"
+
+
+# -------------------------------------------------------------------------------------------------
+# GPU paths (CUDA IPC, NCCL, FP8 serving)
+
+requires_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU and a GPU SGLang install: CUDA IPC handles, NCCL and SGLang's FP8 GEMM kernels "
+           "do not exist on CPU (the CPU branches are tested above)")
+
+
+@pytest.fixture(scope="module")
+def gpu_server(models, tmp_path_factory):
+    with launch_server(models[0], device="cuda", log_dir=str(tmp_path_factory.mktemp("gpu-logs"))) as server:
+        yield server
+
+
+@requires_gpu
+@pytest.mark.parametrize("transport,seed", [("tensor", 1), ("distributed", 2)])
+def test_gpu_transport_updates_engine(gpu_server, models, references, transport, seed):
+    """CUDA IPC (tensor) and NCCL (distributed) from CUDA tensors into a GPU engine."""
+    tensors = {name: t.cuda() for name, t in load_tensors(models[seed]).items()}
+    with WeightSync(_sync_config(gpu_server, transport)) as sync:
+        sync.sync(buckets_of(tensors), f"gpu-{transport}")
+    if transport == "distributed":
+        assert sync.transport.backend == "nccl"
+    _assert_serves(gpu_server, references[seed], f"gpu-{transport}")
+
+
+@requires_gpu
+def test_fp8_engine_serves_quantised_update(tmp_path_factory):
+    """An engine serving a block-FP8 checkpoint takes the bridge's quantised weights: its logprobs equal the
+    HF forward of the dequantised weights (up to the FP8 activation quantisation of SGLang's kernels)."""
+    import json
+
+    from alp_megatron.bridge import fp8
+
+    root = tmp_path_factory.mktemp("fp8")
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    served = tiny_model(root / "served", seed=0, **shape)
+    trainer = tiny_model(root / "trainer", seed=1, **shape)
+    # The served checkpoint: FP8 linears with scales, and the quantization_config that makes SGLang use them.
+    from safetensors.torch import save_file
+
+    quantised = dict(fp8.quantize_bucket(list(load_tensors(served).items())))
+    for path in glob.glob(os.path.join(served, "*.safetensors")):
+        os.remove(path)
+    save_file(quantised, os.path.join(served, "model.safetensors"))
+    with open(os.path.join(served, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(served, "config.json"), "w") as f:
+        json.dump(fp8.with_fp8_quantization_config(config), f)
+    # The reference: the trainer's weights after an FP8 round trip.
+    dequantised = root / "dequantised"
+    tiny_model(dequantised, seed=1, **shape)
+    tensors = load_tensors(trainer)
+    round_trip = {}
+    for name, tensor in tensors.items():
+        if fp8.is_quantised_name(name):
+            round_trip[name] = fp8.dequantize_blockwise(*fp8.quantize_blockwise(tensor))
+        else:
+            round_trip[name] = tensor
+    for path in glob.glob(os.path.join(dequantised, "*.safetensors")):
+        os.remove(path)
+    save_file(round_trip, os.path.join(dequantised, "model.safetensors"))
+    with launch_server(served, device="cuda", dtype="bfloat16") as server:
+        with WeightSync(WeightSyncConfig(engines=[EngineSpec(server.url)], transport="tensor")) as sync:
+            report = sync.sync(buckets_of({n: t.cuda() for n, t in tensors.items()}), "fp8-1")
+        assert report.fp8
+        # bf16 serving with FP8 activations: a loose bound, far below the gap to the old weights
+        reference = HFReference(str(dequantised))
+        assert max_logprob_diff(server.url, reference) < 0.1
+
+
+def test_distributed_refused_bucket_fails_fast_and_the_group_is_rebuilt(server, models, references):
+    """An engine that refuses a bucket (here: no weight-update session open) never joins its broadcast:
+    the push fails at once naming the engine instead of waiting out the group timeout, the group is torn
+    down on both sides, and the next sync builds a new one."""
+    import time
+
+    from alp_megatron.bridge.transports import EngineTarget, TransportError
+    from alp_megatron.bridge.transports.distributed import DistributedTransport, DistributedTransportConfig
+
+    transport = DistributedTransport(DistributedTransportConfig(timeout_s=120))
+    transport.connect([EngineTarget(EngineControl(server.url))])
+    bucket = next(iter(buckets_of(load_tensors(models[2]))()))
+    start = time.monotonic()
+    with pytest.raises(TransportError) as caught:
+        transport.push(bucket)
+    assert server.url in str(caught.value) and "begin_weight_update" in str(caught.value)
+    transport.close()
+    assert time.monotonic() - start < 30 and transport.group_name is None
+    with WeightSync(_sync_config(server, "distributed")) as sync:
+        sync.sync(buckets_of(load_tensors(models[2])), "after-refusal")
+    _assert_serves(server, references[2], "after-refusal")
