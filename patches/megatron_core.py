@@ -23,6 +23,14 @@ code path fails without it and works with it.
 | P6 | ``moe_utils.te_general_gemm = None`` where the name is missing (0.16 bug without TE) | MoE router |
 | P7 | ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` also converts CPU tensors | MoE alltoall split sizes |
 | P8 | uneven ``_gather_along_first_dim``: pad, ``all_gather_into_tensor``, slice | MoE alltoall with TP > 1 |
+
+One more patch corrects a bug, so it is applied on every machine, CUDA or not (``apply_fixes()``):
+
+| P9 | optimizer param groups are matched on load by ``(wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr)``
+|    | only (< 0.19). Two groups that differ only in ``max_lr``/``min_lr`` (the ``log_sigma`` group beside the
+|    | default group) collapse into one and loading a checkpoint fails with "loaded state dict contains a
+|    | parameter group that doesn't match the size of optimizer's group". 0.19 adds the LR fields to the
+|    | identifier; P9 does the same on older releases. | resuming any ALP checkpoint |
 """
 
 from __future__ import annotations
@@ -92,6 +100,25 @@ def apply(exclude: Iterable[str] = ()) -> tuple[str, ...]:
         patch.install()
         _applied.append(patch.ident)
     return tuple(_applied)
+
+
+_fixes_applied: list[str] = []
+
+
+def apply_fixes() -> tuple[str, ...]:
+    """Install the correctness fixes (P9) that cover the installed megatron-core, on every machine."""
+    if _fixes_applied:
+        return ()
+    version = megatron_core_version()
+    for patch in FIXES:
+        if patch.covers(version):
+            patch.install()
+            _fixes_applied.append(patch.ident)
+    return tuple(_fixes_applied)
+
+
+def fixes_applied() -> tuple[str, ...]:
+    return tuple(_fixes_applied)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +350,19 @@ def _install_p8() -> None:
     mappings._gather_along_first_dim = _gather_along_first_dim
 
 
+# ----------------------------------------------------------------------------------------------
+# P9: param groups that differ only in their LR range are told apart on checkpoint load
+
+
+def _install_p9() -> None:
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    # Every group built by megatron.core.optimizer._get_param_groups carries max_lr and min_lr.
+    keys = tuple(optimizer.param_group_identifier_keys) + ("max_lr", "min_lr")
+    optimizer.param_group_identifier_keys = keys
+    distrib_optimizer.param_group_identifier_keys = keys  # imported by name there
+
+
 _ALL = (Version("0.16.1"), Version("0.20.0"))
 
 PATCHES: tuple[Patch, ...] = (
@@ -335,4 +375,9 @@ PATCHES: tuple[Patch, ...] = (
           _install_p6),
     Patch("P7", "alltoall split sizes to numpy on CPU", *_ALL, _install_p7),
     Patch("P8", "uneven all_gather on gloo", *_ALL, _install_p8),
+)
+
+FIXES: tuple[Patch, ...] = (
+    Patch("P9", "param groups told apart by max_lr/min_lr on load", Version("0.16.1"), Version("0.19.0"),
+          _install_p9),
 )

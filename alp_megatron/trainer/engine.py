@@ -128,6 +128,7 @@ class StepResult:
     grad_norm: float
     applied: bool
     reports: list  # per micro-batch dicts from the loss function (last pipeline stage only)
+    skip_reason: Optional[str] = None  # why the update was not applied (non-finite loss or gradient)
 
 
 LossFunction = Callable[[torch.Tensor, dict], tuple]
@@ -173,11 +174,45 @@ def train_step(
         forward_only=False,
     )
     loss = _global_mean_loss(reports)
-    applied, grad_norm, _ = optimizer.step()
-    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+    applied, grad_norm, skip_reason = guarded_optimizer_step(optimizer, loss)
     if applied:
         scheduler.step(increment=1)
-    return StepResult(loss=loss, grad_norm=grad_norm, applied=bool(applied), reports=reports)
+    else:
+        for chunk in ddp_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+    return StepResult(loss=loss, grad_norm=grad_norm, applied=applied, reports=reports, skip_reason=skip_reason)
+
+
+@torch.no_grad()
+def guarded_optimizer_step(optimizer, loss: float) -> tuple[bool, float, Optional[str]]:
+    """Clip and apply the accumulated gradients unless the loss or the gradient norm is not finite.
+
+    Megatron's own ``step()`` only detects inf/NaN when a loss scaler is in use (fp16); with fp32 or
+    bf16 it would apply a NaN update. This does Megatron's steps one by one (prepare, norm, clip, apply)
+    and stops before applying anything that is not finite. ``loss`` must be the same on every rank (the
+    global mean); the norm is reduced by Megatron, so every rank takes the same decision.
+    Returns ``(applied, grad_norm, skip_reason)``.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():
+        return False, float("nan"), "the loss scaler found inf/NaN gradients"
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(loss):
+        return False, grad_norm, f"loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return False, grad_norm, f"gradient norm is {grad_norm}"
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        parameters = sub.get_parameters()
+        if sub.config.clip_grad > 0.0 and parameters and not getattr(sub, "is_stub_optimizer", False):
+            clip_grad_by_total_norm_fp32(
+                parameters,
+                max_norm=sub.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=getattr(sub.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False),
+            )
+    return bool(optimizer.step_with_ready_grads()), grad_norm, None
 
 
 def _global_mean_loss(reports: list) -> float:

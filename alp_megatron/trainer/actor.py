@@ -1,0 +1,243 @@
+"""The actor: K optimizer steps of ALP (or a baseline) on one rollout batch.
+
+For a rollout batch of ``N`` samples the actor
+
+1. runs one unperturbed, no-grad forward over the batch for ``old_logprobs`` (pi_old of grpo/tis/mis/gspo,
+   the train-inference mismatch metrics and the entropy), unless the method needs none and it is switched off;
+2. splits the batch into ``num_mini_batches`` mini-batches (K > 1 is the staleness ALP is made for); each
+   data-parallel rank takes its contiguous share of a mini-batch, in micro-batches of ``micro_batch_size``;
+3. per mini-batch (``epochs`` passes over them): the perturbed forward, :func:`policy_loss` normalised over the whole mini-batch (token
+   mean or sequence mean, across micro-batches and data-parallel ranks), backward, gradient clipping and one
+   optimizer step, skipped and reported when the loss or gradient norm is not finite;
+4. reports the loss metrics over the whole batch (ratio quantiles, clip fractions, mismatch), computed on the
+   last pipeline stage from every sample's training logprobs and shared with the first stage.
+
+All ranks call :meth:`Actor.train` with the same :class:`TrainingBatch`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+import torch
+import torch.distributed as dist
+
+from alp_megatron.alp.loss import LossConfig, get_loss_method, policy_loss
+from alp_megatron.alp.perturbation import alp_disabled
+from alp_megatron.errors import ConfigError
+from alp_megatron.model.logprobs import token_entropy, token_logprobs
+from alp_megatron.trainer.batch import TrainingBatch
+from alp_megatron.trainer.engine import train_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """``num_mini_batches`` x ``epochs``: optimizer steps per rollout batch (every epoch visits the same
+    mini-batches in the same order). ``micro_batch_size``: sequences per forward.
+    ``temperature``: the rollout's sampling temperature (logprobs are scored at the same one).
+    ``compute_old_logprobs``: the unperturbed pass of step 1 (forced on for methods that need pi_old)."""
+
+    num_mini_batches: int = 1
+    epochs: int = 1
+    micro_batch_size: int = 1
+    temperature: float = 1.0
+    compute_old_logprobs: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError("actor.epochs", f"must be >= 1, got {self.epochs}",
+                              "use 1, or more passes over the mini-batches of a rollout batch")
+        if self.num_mini_batches < 1:
+            raise ConfigError("actor.num_mini_batches", f"must be >= 1, got {self.num_mini_batches}",
+                              "use 1 for on-policy updates, more for K stale mini-batch steps")
+        if self.micro_batch_size < 1:
+            raise ConfigError("actor.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}", "use e.g. 1")
+        if not self.temperature > 0:
+            raise ConfigError("actor.temperature", f"must be > 0, got {self.temperature}",
+                              "use the rollout's sampling temperature (1.0 by default)")
+
+
+@dataclass
+class ActorReport:
+    """What one :meth:`Actor.train` did. ``metrics`` holds the whole-batch loss metrics (on every rank)."""
+
+    losses: list
+    grad_norms: list
+    applied: list
+    skip_reasons: list
+    metrics: dict
+
+    @property
+    def skipped_steps(self) -> int:
+        return sum(1 for applied in self.applied if not applied)
+
+
+class Actor:
+    """Trains the DDP-wrapped model chunks with ``optimizer``/``scheduler`` (see ``trainer.engine``)."""
+
+    def __init__(self, ddp_chunks: list, optimizer, scheduler, loss: LossConfig, config: ActorConfig):
+        self.chunks = ddp_chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss = loss
+        self.config = config
+        self.optimizer_steps = 0  # keys the ALP noise: a fresh draw for every optimizer step
+
+    # -- data split --------------------------------------------------------------------------------------
+
+    def _rank_share(self, batch: TrainingBatch) -> list[TrainingBatch]:
+        """This data-parallel rank's part of each mini-batch."""
+        from megatron.core import parallel_state
+
+        dp_size = parallel_state.get_data_parallel_world_size()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        k, mbs = self.config.num_mini_batches, self.config.micro_batch_size
+        if batch.size % (k * dp_size * mbs):
+            raise ConfigError(
+                "actor.num_mini_batches",
+                f"a rollout batch of {batch.size} samples does not split into {k} mini-batches x {dp_size} "
+                f"data-parallel ranks x micro-batches of {mbs}",
+                f"make prompts x samples_per_prompt a multiple of {k * dp_size * mbs}",
+            )
+        per_mini = batch.size // k
+        per_rank = per_mini // dp_size
+        return [batch.select(slice(m * per_mini + dp_rank * per_rank, m * per_mini + (dp_rank + 1) * per_rank))
+                for m in range(k)]
+
+    def _micro_batches(self, share: TrainingBatch) -> list[dict]:
+        mbs = self.config.micro_batch_size
+        return [share.select(slice(i, i + mbs)).as_micro_batch() for i in range(0, share.size, mbs)]
+
+    # -- passes ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _old_logprobs(self, shares: list[TrainingBatch], seq_length: int) -> tuple:
+        """Unperturbed ``(logprobs, entropy)``, each ``[n_local, S]``, of this rank's samples, on the last
+        pipeline stage; ``(None, None)`` on the others."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        temperature = self.config.temperature
+        micro_batches = [mb for share in shares for mb in self._micro_batches(share)]
+
+        def forward_step(data_iterator, model):
+            micro = next(data_iterator)
+            output = model(micro["tokens"], micro["position_ids"], None)
+
+            def collect(logits):
+                logprobs = token_logprobs(logits, micro["targets"], temperature)
+                entropy = token_entropy(logits, temperature)
+                zero = logits.new_zeros(())
+                return zero, torch.ones((), dtype=torch.int), {"logprobs": logprobs, "entropy": entropy}
+
+            return output, collect
+
+        models = [c.module if hasattr(c, "module") else c for c in self.chunks]
+        vp = len(self.chunks)
+        with alp_disabled(*models):
+            for chunk in self.chunks:
+                chunk.eval()
+            try:
+                reports = get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=[iter(micro_batches) for _ in range(vp)] if vp > 1 else iter(micro_batches),
+                    model=self.chunks if vp > 1 else self.chunks[0],
+                    num_microbatches=len(micro_batches),
+                    seq_length=seq_length,
+                    micro_batch_size=self.config.micro_batch_size,
+                    forward_only=True,
+                )
+            finally:
+                for chunk in self.chunks:
+                    chunk.train()
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return None, None
+        return (torch.cat([r["logprobs"] for r in reports]), torch.cat([r["entropy"] for r in reports]))
+
+    def train(self, batch: TrainingBatch) -> ActorReport:
+        """K optimizer steps on ``batch`` (identical on every rank). Returns what happened, on every rank."""
+        from megatron.core import parallel_state
+
+        shares = self._rank_share(batch)
+        local = TrainingBatch(**{name: torch.cat([getattr(s, name) for s in shares])
+                                 for name in ("tokens", "targets", "position_ids", "loss_mask",
+                                              "rollout_logprobs", "advantages", "sample_ids")})
+        needs_old = get_loss_method(self.loss.method).needs_old_logprobs
+        old, entropy = None, None
+        if needs_old or self.config.compute_old_logprobs:
+            old, entropy = self._old_logprobs(shares, batch.seq_length)
+            if old is not None:  # the last stage, where the loss reads it
+                local.old_logprobs = old
+                for m, share in enumerate(shares):
+                    share.old_logprobs = old[m * share.size : (m + 1) * share.size]
+
+        loss_cfg, temperature = self.loss, self.config.temperature
+        count_tokens = loss_cfg.agg == "token_mean"
+
+        def loss_function(output, micro):
+            logprobs = token_logprobs(output, micro["targets"], temperature)
+            loss_sum, _ = policy_loss(logprobs, micro["rollout_logprobs"], micro["advantages"], micro["loss_mask"],
+                                      loss_cfg, old_logprobs=micro.get("old_logprobs"), global_denominator=1.0)
+            mask = micro["loss_mask"].bool()
+            units = (mask.sum() if count_tokens else mask.any(dim=-1).sum()).to(torch.int)
+            return loss_sum, units, {"loss_sum": loss_sum.detach(), "num_units": units, "logprobs": logprobs.detach()}
+
+        losses, grad_norms, applied, reasons, trained_logprobs = [], [], [], [], []
+        for epoch in range(self.config.epochs):
+            for m, share in enumerate(shares):
+                result = train_step(self.chunks, self.optimizer, self.scheduler, self._micro_batches(share),
+                                    loss_function, self.optimizer_steps, batch.seq_length)
+                self.optimizer_steps += 1
+                losses.append(result.loss)
+                grad_norms.append(result.grad_norm)
+                applied.append(result.applied)
+                reasons.append(result.skip_reason)
+                if not result.applied:
+                    logger.warning("optimizer step %d (epoch %d, mini-batch %d) skipped: %s",
+                                   self.optimizer_steps - 1, epoch, m, result.skip_reason)
+                if result.reports and epoch == 0:  # the metrics describe each sample's first visit
+                    trained_logprobs.append(torch.cat([r["logprobs"] for r in result.reports]))
+
+        metrics = self._batch_metrics(local, trained_logprobs, old, entropy)
+        return ActorReport(losses=losses, grad_norms=grad_norms, applied=applied, skip_reasons=reasons,
+                           metrics=metrics)
+
+    # -- metrics -----------------------------------------------------------------------------------------
+
+    def _batch_metrics(self, local: TrainingBatch, trained_logprobs: list, old, entropy) -> dict:
+        """Loss metrics over the whole rollout batch, computed on the last stage and shared along the pipeline."""
+        from megatron.core import parallel_state
+
+        metrics: dict = {}
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            dp_group = parallel_state.get_data_parallel_group()
+            fields = [torch.cat(trained_logprobs), local.rollout_logprobs, local.advantages, local.loss_mask]
+            if old is not None:
+                fields += [old, entropy]
+            gathered = [_gather_rows(t, dp_group) for t in fields]
+            logprobs, rollout, advantages, mask = gathered[:4]
+            _, metrics = policy_loss(logprobs, rollout, advantages, mask, self.loss,
+                                     old_logprobs=gathered[4] if old is not None else None)
+            metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+            if old is not None:
+                valid = mask.bool()
+                metrics["entropy"] = float(gathered[5][valid].mean()) if valid.any() else 0.0
+            metrics["response_tokens"] = float(mask.sum())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                       group=parallel_state.get_pipeline_model_parallel_group())
+            metrics = box[0]
+        return metrics
+
+
+def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) along dim 0 across ``group``, in rank order."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)

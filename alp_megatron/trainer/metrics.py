@@ -1,0 +1,180 @@
+"""Per-step metrics: ``metrics.jsonl`` in the output directory, TensorBoard, W&B when configured, and GPU
+telemetry (utilisation, memory, power) through nvidia-ml-py when there is a GPU.
+
+Only global rank 0 writes. ``metrics.jsonl`` gets one JSON object per step, flushed and fsynced, so a
+crash loses at most the step in flight; on resume, lines of steps past the checkpoint are dropped first
+(they were computed by a run the checkpoint does not contain).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+from alp_megatron.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = (
+    "step", "reward_mean", "response_len_mean", "ratio_seq_p999", "ratio_seq_max", "clip_frac", "mismatch_k3",
+    "sigma_mean", "sigma_min", "sigma_max", "grad_norm", "entropy", "weight_version", "time_step",
+    "time_rollout", "time_train", "time_sync",
+)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``tensorboard``: write event files under ``<output_dir>/tensorboard``. ``wandb_project``: log to W&B
+    (requires ``pip install wandb``). ``gpu_telemetry``: per-GPU utilisation/memory/power when a GPU exists."""
+
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    gpu_telemetry: bool = True
+
+    def __post_init__(self):
+        if self.wandb_project is not None and not self.wandb_project.strip():
+            raise ConfigError("metrics.wandb_project", "is empty", "give a project name, or leave it unset")
+
+
+class MetricsSink(Protocol):
+    def write(self, step: int, metrics: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible
+    return value
+
+
+class JsonlSink:
+    """Appends ``{"step": ..., **metrics}`` lines to ``path``."""
+
+    def __init__(self, path: str, resume_after_step: Optional[int] = None):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_after_step is not None and os.path.exists(path):
+            _truncate_after(path, resume_after_step)
+        self._handle = open(path, "a")
+
+    def write(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items() if k != "step"}}
+        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _truncate_after(path: str, last_step: int) -> None:
+    with open(path) as handle:
+        kept = [line for line in handle if line.strip() and json.loads(line).get("step", -1) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.writelines(kept)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Every record of a ``metrics.jsonl``, in order."""
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=log_dir)
+
+    def write(self, step: int, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbSink:
+    def __init__(self, project: str, run_name: Optional[str], config: dict, output_dir: str):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("metrics.wandb_project", "is set but wandb is not installed",
+                              "pip install wandb, or unset metrics.wandb_project") from None
+        self._run = wandb.init(project=project, name=run_name, config=config, dir=output_dir)
+
+    def write(self, step: int, metrics: dict) -> None:
+        self._run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class GpuTelemetry:
+    """Utilisation (%), memory used (GiB) and power (W) of each visible GPU; ``{}`` where NVML is absent."""
+
+    def __init__(self):
+        self._handles = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception as error:  # pynvml.NVMLError (no driver) or a missing package: no telemetry
+            logger.debug("GPU telemetry off: %s", error)
+
+    @property
+    def available(self) -> bool:
+        return bool(self._handles)
+
+    def read(self) -> dict:
+        readings = {}
+        for index, handle in enumerate(self._handles):
+            try:
+                util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                readings[f"gpu{index}_util"] = float(util.gpu)
+                readings[f"gpu{index}_mem_gib"] = memory.used / 2**30
+                readings[f"gpu{index}_power_w"] = self._nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+            except self._nvml.NVMLError as error:
+                logger.debug("GPU %d telemetry failed: %s", index, error)
+        return readings
+
+
+class MetricsLogger:
+    """Fans one step's metrics out to every configured sink (call on global rank 0 only)."""
+
+    def __init__(self, output_dir: str, config: MetricsConfig, run_config: Optional[dict] = None,
+                 resume_after_step: Optional[int] = None):
+        self.sinks: list = [JsonlSink(os.path.join(output_dir, "metrics.jsonl"), resume_after_step)]
+        if config.tensorboard:
+            self.sinks.append(TensorBoardSink(os.path.join(output_dir, "tensorboard")))
+        if config.wandb_project:
+            self.sinks.append(WandbSink(config.wandb_project, config.wandb_run_name, run_config or {}, output_dir))
+        self.telemetry = GpuTelemetry() if config.gpu_telemetry else None
+
+    def write(self, step: int, metrics: dict) -> dict:
+        record = dict(metrics)
+        if self.telemetry is not None and self.telemetry.available:
+            record.update(self.telemetry.read())
+        missing = [key for key in REQUIRED_KEYS if key not in record and key != "step"]
+        if missing:
+            logger.warning("step %d: metrics missing %s", step, missing)
+        for sink in self.sinks:
+            sink.write(step, record)
+        return record
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,57 @@
+"""Rank-side code of the actor tests: two rollout batches of K=2 mini-batch steps under a layout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from alp_megatron.alp.loss import LossConfig
+from alp_megatron.model.provider import ParallelConfig
+from alp_megatron.trainer.actor import Actor, ActorConfig
+from alp_megatron.trainer.batch import build_training_batch
+from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, wrap_ddp
+from tests.model.layouts import ALP, Layout, arch_for, build, load_reference
+
+SAMPLES = 8
+PROMPT = 4
+
+
+def rollout_batch(seed: int, vocab: int, poison_advantages: bool = False):
+    """8 samples with responses of different lengths, near-uniform rollout logprobs, GRPO-like advantages."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts, responses, logprobs = [], [], []
+    for i in range(SAMPLES):
+        length = 6 + (i % 4) * 2
+        prompts.append(torch.randint(0, vocab, (PROMPT,), generator=gen).tolist())
+        responses.append(torch.randint(0, vocab, (length,), generator=gen).tolist())
+        logprobs.append((-math.log(vocab) + 0.1 * torch.randn(length, generator=gen)).tolist())
+    advantages = torch.randn(SAMPLES, generator=gen).tolist()
+    if poison_advantages:
+        advantages[3] = float("nan")
+    return build_training_batch(prompts, responses, logprobs, advantages, list(range(seed * 100, seed * 100 + SAMPLES)))
+
+
+def local_parameter_sum(chunks) -> float:
+    return float(sum(p.detach().double().sum() for chunk in chunks for p in chunk.parameters()))
+
+
+def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_second: bool = False,
+              epochs: int = 1) -> dict:
+    layout = Layout("actor", parallel=parallel)
+    chunks = build(layout)
+    load_reference(chunks, reference_dir)
+    settings = OptimizerSettings(lr=1e-3, clip_grad=1.0)
+    ddp_chunks = wrap_ddp(chunks, settings)
+    optimizer, scheduler = build_optimizer(ddp_chunks, settings, ALP)
+    actor = Actor(ddp_chunks, optimizer, scheduler, LossConfig.for_method(method),
+                  ActorConfig(num_mini_batches=2, epochs=epochs, micro_batch_size=2))
+    vocab = arch_for(layout).vocab_size
+    reports, sums = [], []
+    for seed in (1, 2, 3):
+        before = local_parameter_sum(chunks)
+        report = actor.train(rollout_batch(seed, vocab, poison_advantages=poison_second and seed == 2))
+        sums.append((before, local_parameter_sum(chunks)))
+        reports.append(dict(losses=report.losses, grad_norms=report.grad_norms, applied=report.applied,
+                            skip_reasons=report.skip_reasons, metrics=report.metrics))
+    return dict(reports=reports, parameter_sums=sums, optimizer_steps=actor.optimizer_steps)

@@ -1,0 +1,103 @@
+"""The actor on real gloo ranks: K mini-batch steps per rollout batch, independent of the layout, and
+non-finite steps skipped, never applied."""
+
+import math
+
+import pytest
+
+from alp_megatron.model.provider import ParallelConfig
+from alp_megatron.trainer.batch import build_training_batch
+from alp_megatron.errors import AlpError
+from tests.distributed import run_ranks
+from tests.model.layouts import Layout, save_reference
+from tests.trainer.actor_probes import run_actor
+
+pytestmark = pytest.mark.megatron
+
+METRIC_KEYS = ("ratio_seq_p999", "ratio_seq_max", "clip_frac", "mismatch_k3", "entropy", "loss")
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("actor_reference"))
+    run_ranks(1, save_reference, Layout("actor"), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def single_rank(reference_dir):
+    return run_ranks(1, run_actor, ParallelConfig(), reference_dir, "alp_seq")[0]
+
+
+def _assert_same_training(result, baseline, name):
+    for got, want in zip(result["reports"], baseline["reports"]):
+        assert got["applied"] == want["applied"], name
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5, abs=1e-7), f"{name}: losses"
+        assert got["grad_norms"] == pytest.approx(want["grad_norms"], rel=1e-5), f"{name}: grad norms"
+        for key in METRIC_KEYS:
+            assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5, abs=1e-7), f"{name}: {key}"
+
+
+def test_k_mini_batches_make_k_optimizer_steps(single_rank):
+    assert single_rank["optimizer_steps"] == 6
+    for report in single_rank["reports"]:
+        assert report["applied"] == [True, True]
+        assert all(math.isfinite(g) and g > 0 for g in report["grad_norms"])
+        assert report["metrics"]["response_tokens"] == sum(6 + (i % 4) * 2 for i in range(8))
+        assert report["metrics"]["entropy"] > 0
+
+
+@pytest.mark.parametrize("name,parallel", [
+    ("dp2", ParallelConfig()),
+    ("pp2", ParallelConfig(pipeline_parallel=2)),
+])
+def test_actor_is_independent_of_layout(reference_dir, single_rank, name, parallel):
+    results = run_ranks(2, run_actor, parallel, reference_dir, "alp_seq")
+    for result in results:  # every rank holds the same report, the first pipeline stage included
+        _assert_same_training(result, single_rank, name)
+
+
+def test_epochs_repeat_the_mini_batches(reference_dir, single_rank):
+    result = run_ranks(1, run_actor, ParallelConfig(), reference_dir, "alp_seq", False, 2)[0]
+    assert result["optimizer_steps"] == 12
+    first = result["reports"][0]
+    assert len(first["losses"]) == 4 and all(first["applied"])
+    assert first["losses"][:2] == single_rank["reports"][0]["losses"]  # epoch 0 is the one-epoch run
+    assert first["metrics"]["ratio_seq_max"] == single_rank["reports"][0]["metrics"]["ratio_seq_max"]
+
+
+def test_old_policy_methods_recompute_pi_old(reference_dir):
+    result = run_ranks(1, run_actor, ParallelConfig(), reference_dir, "grpo")[0]
+    first = result["reports"][0]["metrics"]
+    assert first["mismatch_k3"] > 0  # pi_old (the trainer) and the synthetic rollout logprobs differ
+    assert all(r["applied"] == [True, True] for r in result["reports"])
+
+
+def test_non_finite_step_is_skipped_and_reported(reference_dir, single_rank):
+    result = run_ranks(1, run_actor, ParallelConfig(), reference_dir, "alp_seq", True)[0]
+    poisoned = result["reports"][1]
+    assert poisoned["applied"] == [False, True]  # the NaN advantage sits in the first mini-batch
+    assert "loss is nan" in poisoned["skip_reasons"][0]
+    # the skipped step changed nothing: the first rollout batch trained exactly as in the clean run
+    assert result["reports"][0]["losses"] == single_rank["reports"][0]["losses"]
+    before, after = result["parameter_sums"][1]
+    assert math.isfinite(after) and after != before  # the second, finite mini-batch was applied
+    assert all(math.isfinite(g) for g in result["reports"][2]["grad_norms"])
+
+
+def test_training_batch_alignment():
+    batch = build_training_batch([[5, 6, 7]], [[8, 9]], [[-0.5, -0.25]], [1.0], [42], pad_id=0, pad_to_multiple=4)
+    assert batch.tokens.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch.targets.tolist() == [[6, 7, 8, 9, 0, 0, 0, 0]]
+    # position 2 predicts token 8 (the first response token), position 3 predicts 9
+    assert batch.loss_mask.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0]]
+    assert batch.rollout_logprobs.tolist() == [[0, 0, -0.5, -0.25, 0, 0, 0, 0]]
+
+
+def test_training_batch_rejects_bad_samples():
+    with pytest.raises(AlpError, match="sample 0 .id 7. has 2 response tokens but 1 rollout logprobs"):
+        build_training_batch([[1]], [[2, 3]], [[-1.0]], [0.0], [7])
+    with pytest.raises(AlpError, match="non-finite rollout logprobs"):
+        build_training_batch([[1]], [[2]], [[float("-inf")]], [0.0], [7])
+    with pytest.raises(AlpError, match="more than the model's 2"):
+        build_training_batch([[1, 2]], [[3]], [[-1.0]], [0.0], [7], max_length=2)

@@ -1,0 +1,49 @@
+"""metrics.jsonl, TensorBoard and GPU telemetry sinks."""
+
+import math
+import os
+
+import pytest
+
+from alp_megatron.errors import ConfigError
+from alp_megatron.trainer.metrics import GpuTelemetry, MetricsConfig, MetricsLogger, read_metrics
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+    logger = MetricsLogger(str(tmp_path), MetricsConfig(tensorboard=True))
+    for step in range(3):
+        logger.write(step, {"reward_mean": 0.1 * step, "grad_norm": float("nan") if step == 1 else 1.0})
+    logger.close()
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[2]["reward_mean"] == pytest.approx(0.2)
+    assert records[1]["grad_norm"] == "nan"  # JSON has no NaN; it stays visible as a string
+    events = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.")]
+    assert events and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
+
+
+def test_resume_drops_steps_past_the_checkpoint(tmp_path):
+    logger = MetricsLogger(str(tmp_path), MetricsConfig(tensorboard=False))
+    for step in range(5):
+        logger.write(step, {"reward_mean": float(step)})
+    logger.close()
+    resumed = MetricsLogger(str(tmp_path), MetricsConfig(tensorboard=False), resume_after_step=2)
+    resumed.write(3, {"reward_mean": 30.0})
+    resumed.close()
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [(r["step"], r["reward_mean"]) for r in records] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_gpu_telemetry_is_empty_without_a_gpu():
+    import torch
+
+    telemetry = GpuTelemetry()
+    if torch.cuda.is_available():
+        assert telemetry.available and all(math.isfinite(v) for v in telemetry.read().values())
+    else:
+        assert not telemetry.available and telemetry.read() == {}
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="metrics.wandb_project"):
+        MetricsConfig(wandb_project=" ")
