@@ -14,6 +14,15 @@ Why each pin:
 - psutil >=5.9: megatron's dist_checkpointing needs it but does not declare it.
 - pyyaml >=6: run configs.
 - numpy: megatron-core's own dependency, used by the patches (alltoall split sizes).
+- aiohttp >=3.9: the async rollout client (many concurrent /generate calls to SGLang).
+- requests >=2.31: synchronous control calls to SGLang (weight updates, pause, health).
+- tqdm >=4.66: progress bars for rollout, training and export.
+- tensorboard >=2.14: the per-step metrics also go to TensorBoard (torch.utils.tensorboard needs it).
+- math-verify >=0.9,<0.10: the built-in `math` reward (answer extraction, numeric/symbolic equivalence);
+  a maintained library instead of our own parser. 0.9 is the release verified; its API is young.
+- pyarrow >=14: Parquet prompt files.
+- jinja2 >=3.1: chat templates (transformers' apply_chat_template needs it but does not declare it).
+- matplotlib >=3.8: the PNG summary of a run (reward, sequence-ratio tail, sigma per layer).
 Extras:
 - sglang: the rollout engine, pinned exactly (0.5.23): its HTTP/weight-update API changes between
   releases and our client and CPU recipe were verified on this one.
@@ -33,9 +42,16 @@ setup(
         "alp_megatron.alp",
         "alp_megatron.model",
         "alp_megatron.trainer",
+        "alp_megatron.bridge",
+        "alp_megatron.bridge.transports",
+        "alp_megatron.rollout",
+        "alp_megatron.rewards",
+        "alp_megatron.data",
         "alp_megatron._patches",
     ],
     package_dir={"alp_megatron._patches": "patches"},
+    # The SGLang CPU import stand-ins are plain folders put on the server's PYTHONPATH, not subpackages.
+    package_data={"alp_megatron._patches": ["sglang_cpu/*.py", "sglang_cpu/*/*.py"]},
     install_requires=[
         "torch>=2.6,<2.15",
         "megatron-core>=0.16.1,<0.20",
@@ -46,11 +62,25 @@ setup(
         "pyyaml>=6",
         "numpy",
         "packaging>=24.2",
+        "aiohttp>=3.9",
+        "requests>=2.31",
+        "tqdm>=4.66",
+        "tensorboard>=2.14",
+        "math-verify>=0.9,<0.10",
+        "pyarrow>=14",
+        "jinja2>=3.1",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "sglang": ["sglang==0.5.23", "sglang-router>=0.3.2,<0.4"],
         "gpu": ["transformer-engine[pytorch]>=2.4"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["alp-demo=alp_megatron.demo:main"]},
+    entry_points={
+        "console_scripts": [
+            "alp-demo=alp_megatron.demo:main",
+            "alp-train=alp_megatron.cli:main",
+            "alp-convert=alp_megatron.convert:main",
+        ]
+    },
 )

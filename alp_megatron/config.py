@@ -1,0 +1,183 @@
+"""The run config of ``alp-train``: one YAML file, every field overridable as ``section.key=value``.
+
+Each section is the component's own frozen dataclass (``alp`` = :class:`PerturbationConfig`, ``loss`` =
+:class:`LossConfig`, ...); the few run-level sections are defined here. ``load_run_config`` checks every key,
+type and value at start, naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from alp_megatron.alp.loss import LossConfig
+from alp_megatron.alp.perturbation import PerturbationConfig
+from alp_megatron.config_loading import build, load_yaml, merge, parse_overrides
+from alp_megatron.errors import ConfigError
+from alp_megatron.model.provider import ModelConfig, ParallelConfig
+from alp_megatron.rewards.math_verifier import MathVerifierConfig
+from alp_megatron.rollout.types import SamplingConfig
+from alp_megatron.trainer.actor import ActorConfig
+from alp_megatron.trainer.checkpoint import CheckpointConfig
+from alp_megatron.trainer.engine import OptimizerSettings
+from alp_megatron.trainer.metrics import MetricsConfig
+
+ROLLOUT_MODES = ("colocated", "disaggregated")
+TRANSPORTS = ("tensor", "distributed", "disk")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """``steps``: RL steps (rollout + train + sync). ``output_dir``: checkpoints, metrics.jsonl, logs, HF export."""
+
+    steps: int = 20
+    output_dir: str = "runs/alp"
+    seed: int = 1234
+    export_hf_at_end: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError("run.steps", f"must be >= 1, got {self.steps}", "use the number of RL steps to run")
+        if not self.output_dir:
+            raise ConfigError("run.output_dir", "is empty", "give a directory for checkpoints and metrics")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``hf_path``: the HF checkpoint to start from; ``null`` builds the embedded tiny char-level Llama (and
+    warm-starts it for ``tiny_warm_start_steps`` supervised steps on the toy task). ``megatron``: how the
+    trainer runs it (backend, dtype, recompute, MoE dispatcher, FP8)."""
+
+    hf_path: Optional[str] = None
+    tiny_warm_start_steps: int = 40
+    megatron: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        if self.tiny_warm_start_steps < 0:
+            raise ConfigError("model.tiny_warm_start_steps", "must be >= 0", "use 0 to skip the warm start")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Prompts: ``toy_task`` (add1, sub1, rev4: generated, for the embedded default) or ``paths`` (JSONL /
+    Parquet files) with their fields. ``prompts_per_step`` prompts per rollout, each sampled
+    ``rollout.sampling.n`` times."""
+
+    toy_task: Optional[str] = "rev4"
+    paths: tuple[str, ...] = ()
+    prompt_field: str = "prompt"
+    label_field: Optional[str] = "label"
+    apply_chat_template: bool = True
+    max_prompt_tokens: int = 2048
+    shuffle: bool = True
+    seed: int = 0
+    prompts_per_step: int = 32
+
+    def __post_init__(self):
+        if bool(self.toy_task) == bool(self.paths):
+            raise ConfigError("data.paths", "exactly one of data.toy_task and data.paths must be set",
+                              "set data.toy_task (e.g. rev4) or data.paths (JSONL/Parquet files) and null the other")
+        if self.prompts_per_step < 1:
+            raise ConfigError("data.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}", "use e.g. 32")
+
+
+@dataclass(frozen=True)
+class RewardSection:
+    """``function``: a built-in reward (``math``, ``exact_match``, ``positional_match``) or ``pkg.mod:fn``;
+    ``null`` takes the toy task's own. ``advantage``: ``grpo`` (group std-normalised) or ``dr_grpo``."""
+
+    function: Optional[str] = None
+    advantage: str = "grpo"
+    math: MathVerifierConfig = field(default_factory=MathVerifierConfig)
+
+    def __post_init__(self):
+        if self.advantage not in ("grpo", "dr_grpo"):
+            raise ConfigError("reward.advantage", f"{self.advantage!r} is not supported", "use grpo or dr_grpo")
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    """``mode``: ``colocated`` (SGLang on the trainer's GPUs; it releases memory while Megatron trains) or
+    ``disaggregated`` (SGLang elsewhere: ``server_urls`` when started outside, else launched here).
+    ``one_step_off``: overlap the rollout of step k+1 with training of step k (disaggregated only).
+    ``servers``: SGLang servers to launch (each ``server_tp_size`` GPUs); ``router``: put sglang-router in
+    front (``router_url``: a router started outside, in front of ``server_urls``). ``server_dtype``: the engine's dtype (lower than the trainer's = controlled mismatch)."""
+
+    mode: str = "colocated"
+    one_step_off: bool = False
+    servers: int = 1
+    server_tp_size: int = 1
+    server_dtype: str = "auto"
+    server_mem_fraction: Optional[float] = None
+    server_extra_args: tuple[str, ...] = ()
+    server_urls: tuple[str, ...] = ()
+    router_url: Optional[str] = None
+    router: bool = False
+    api_key: Optional[str] = None
+    host: str = "127.0.0.1"
+    startup_timeout_s: float = 300.0
+    groups_in_flight: int = 64
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        if self.mode not in ROLLOUT_MODES:
+            raise ConfigError("rollout.mode", f"{self.mode!r} is not a rollout mode", f"use one of {ROLLOUT_MODES}")
+        if self.one_step_off and self.mode == "colocated":
+            raise ConfigError("rollout.one_step_off", "needs rollout.mode=disaggregated",
+                              "colocated SGLang and Megatron share GPUs and take turns; set mode=disaggregated")
+        if self.router_url and not self.server_urls:
+            raise ConfigError("rollout.router_url", "is set without rollout.server_urls",
+                              "list the router's workers in rollout.server_urls (weight updates go to each of them)")
+        if self.servers < 1 and not self.server_urls:
+            raise ConfigError("rollout.servers", "must be >= 1", "launch at least one SGLang server")
+
+
+@dataclass(frozen=True)
+class WeightSyncSection:
+    """``transport``: ``tensor`` (CUDA IPC / shared CPU memory), ``distributed`` (NCCL / gloo group) or
+    ``disk``. ``bucket_bytes``: the most bytes exported and sent at once. ``fp8``: ``auto`` quantises to
+    128x128 block FP8 when the served checkpoint is FP8, ``on``/``off`` force it."""
+
+    transport: str = "tensor"
+    bucket_bytes: int = 256 * 2**20
+    pause_mode: str = "retract"
+    fp8: str = "auto"
+    retries: int = 1
+    verify_every: int = 0  # steps between full weight-equality checks of the engines (0: never)
+
+    def __post_init__(self):
+        if self.transport not in TRANSPORTS:
+            raise ConfigError("weight_sync.transport", f"{self.transport!r} is not a transport",
+                              f"use one of {TRANSPORTS}")
+        if self.bucket_bytes < 2**16:
+            raise ConfigError("weight_sync.bucket_bytes", f"{self.bucket_bytes} is too small", "use >= 64 KiB")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    alp: PerturbationConfig = field(default_factory=PerturbationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    data: DataSection = field(default_factory=DataSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    weight_sync: WeightSyncSection = field(default_factory=WeightSyncSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self):
+        if self.actor.temperature != self.rollout.sampling.temperature:
+            raise ConfigError("actor.temperature",
+                              f"{self.actor.temperature} differs from rollout.sampling.temperature "
+                              f"{self.rollout.sampling.temperature}",
+                              "score logprobs at the temperature the engine sampled with: set both equal")
+
+
+def load_run_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> RunConfig:
+    """The run config from YAML ``path`` (None: the defaults) with ``section.key=value`` overrides applied."""
+    data = load_yaml(path) if path else {}
+    return build(RunConfig, merge(data, parse_overrides(overrides)))

@@ -1,0 +1,200 @@
+"""Everything a run holds, built once at start (and restored from the latest checkpoint on ``--resume``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.distributed as dist
+import yaml
+
+from alp_megatron.config_loading import to_dict
+from alp_megatron.errors import AlpError
+from alp_megatron.trainer.checkpoint import find_latest_checkpoint, load_checkpoint
+from alp_megatron.trainer.policy import Policy
+from alp_megatron.trainer.weight_update import TrainerWeightSync
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    config: Any
+    policy: Policy
+    weight_sync: TrainerWeightSync
+    checkpoint_dir: str
+    start_step: int
+    weight_version: int
+    divisible_by: int
+    pad_to_multiple: int
+    # global rank 0 only:
+    tokenizer: Any = None
+    engines: Any = None
+    schedule: Any = None
+    reward_fn: Any = None
+    metrics_logger: Any = None
+    last_saved_step: int = -1
+    verify_prompts: list = field(default_factory=list)
+
+    def verify_engines(self) -> dict:
+        """The bridge's equality check on every engine: sampled weights and greedy-probe logprobs against the
+        trainer's unperturbed model. Collective; raises WeightMismatchError naming what differs."""
+        from alp_megatron.bridge.verify import comparable_names, generate_greedy, verify_update
+
+        rank0 = dist.get_rank() == 0
+        names = set()
+        tensors = {}
+        for bucket in self.policy.hf_buckets(self.config.weight_sync.bucket_bytes):
+            if rank0:
+                names.update(name for name, _ in bucket)
+                tensors.update({name: t.clone() for name, t in bucket if name in comparable_names([name])})
+        sequences = None
+        if rank0:
+            probe = generate_greedy(self.engines.controls[0], self.verify_prompts, max_new_tokens=4,
+                                    api_key=self.config.rollout.api_key)
+            sequences = [list(sequence) for sequence, _ in probe]
+        box = [sequences]
+        dist.broadcast_object_list(box, src=0)
+        reference = self.policy.unperturbed_logprobs(box[0])
+        worst = {"verify_max_weight_diff": 0.0, "verify_max_logprob_diff": 0.0}
+        if rank0:
+            for control in self.engines.controls:
+                report = verify_update(control, tensors, self.verify_prompts,
+                                       reference=lambda seqs: reference, api_key=self.config.rollout.api_key)
+                worst["verify_max_weight_diff"] = max(worst["verify_max_weight_diff"], report.max_weight_diff)
+                worst["verify_max_logprob_diff"] = max(worst["verify_max_logprob_diff"], report.max_logprob_diff)
+        return worst
+
+    def close(self) -> None:
+        if self.schedule is not None:
+            self.schedule.close()
+        self.weight_sync.close()
+        if self.engines is not None:
+            self.engines.close()
+        if self.metrics_logger is not None:
+            self.metrics_logger.close()
+
+
+def _base_model(config) -> str:
+    """The HF checkpoint the run starts from; the embedded tiny model is built (once) by rank 0."""
+    if config.model.hf_path:
+        return config.model.hf_path
+    path = os.path.join(config.run.output_dir, "base_model")
+    if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "model.safetensors")):
+        from alp_megatron.model.warm_start import build_warm_started_model
+
+        task = config.data.toy_task or "rev4"
+        logger.info("building the tiny model, %d warm-start steps on %s", config.model.tiny_warm_start_steps, task)
+        staging = path + ".partial"
+        build_warm_started_model(staging, task, config.model.tiny_warm_start_steps, seed=config.run.seed)
+        os.replace(staging, path)
+    dist.barrier()
+    return path
+
+
+def _prompt_batches(config, tokenizer, position: Optional[dict]):
+    from alp_megatron.data.batches import DataPosition, PromptBatches
+    from alp_megatron.data.prompts import PromptDataConfig, PromptDataset
+    from alp_megatron.data.toy import ToyTaskPrompts
+
+    data = config.data
+    if data.toy_task:
+        source = ToyTaskPrompts(data.toy_task, tokenizer)
+    else:
+        source = PromptDataset(PromptDataConfig(paths=data.paths, prompt_field=data.prompt_field,
+                                                label_field=data.label_field,
+                                                apply_chat_template=data.apply_chat_template,
+                                                max_prompt_tokens=data.max_prompt_tokens, shuffle=data.shuffle,
+                                                seed=data.seed), tokenizer)
+    return PromptBatches(source, data.prompts_per_step, seed=data.seed, shuffle=data.shuffle,
+                         position=DataPosition.from_dict(position) if position else None)
+
+
+def _reward_function(config):
+    from alp_megatron.data.toy import toy_task
+    from alp_megatron.rewards.base import load_reward_function
+    from alp_megatron.rewards.math_verifier import MathVerifier
+
+    name = config.reward.function or (toy_task(config.data.toy_task).reward if config.data.toy_task else "math")
+    return MathVerifier(config.reward.math) if name == "math" else load_reward_function(name)
+
+
+def build_run(config, resume: bool) -> RunState:
+    from megatron.core import parallel_state
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    from transformers import AutoTokenizer
+
+    from alp_megatron.model.provider import initialize_parallel
+    from alp_megatron.trainer.engines import RolloutEngines, server_log_dir
+    from alp_megatron.trainer.metrics import MetricsLogger
+    from alp_megatron.trainer.schedule import OneStepOff, Synchronous
+
+    out = config.run.output_dir
+    checkpoint_dir = os.path.join(out, "checkpoints")
+    latest = find_latest_checkpoint(checkpoint_dir)
+    if latest and not resume:
+        raise AlpError(f"{out} already holds checkpoint {latest}: pass --resume to continue that run, or choose "
+                       "another --output-dir (nothing was overwritten)")
+    initialize_parallel(config.parallel, seed=config.run.seed)
+    rank0 = dist.get_rank() == 0
+    hf_dir = _base_model(config)
+    tokenizer = engines = schedule = reward_fn = metrics_logger = batches = None
+    if rank0:  # data and rewards first: a bad row or reward path fails before anything heavy starts
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        reward_fn = _reward_function(config)
+        batches = _prompt_batches(config, tokenizer, None)
+    policy = Policy.build(config, hf_dir)
+    trainer_state: dict = {}
+    if resume and latest:
+        try:
+            trainer_state = load_checkpoint(latest, policy.ddp_chunks, policy.optimizer, policy.scheduler)
+        except AlpError:
+            raise
+        except (Exception, CheckpointException) as error:  # lead Megatron's long mismatch message with ours
+            failures = getattr(error, "failures", None)  # torch's CheckpointException wraps each rank's error
+            cause = next(iter(failures.values()))[0] if failures else None  # (exception, traceback) pairs
+            raise AlpError(f"checkpoint {latest} does not fit this model ({policy.arch.architecture}, "
+                           f"{policy.arch.num_layers} layers, hidden {policy.arch.hidden_size}): "
+                           f"{cause or error}. "
+                           "Resume with the config that wrote it, or use another --output-dir") from error
+        policy.actor.optimizer_steps = trainer_state["optimizer_steps"]
+        logger.info("resumed from %s (next step %d)", latest, trainer_state["next_step"])
+    elif resume:
+        logger.warning("--resume: no checkpoint in %s; starting a new run", checkpoint_dir)
+    weight_version = trainer_state.get("weight_version", 0)
+    start_step = trainer_state.get("next_step", 0)
+
+    urls, tp_sizes = (), ()
+    if rank0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.yaml"), "w") as handle:
+            yaml.safe_dump(to_dict(config), handle, sort_keys=False)
+        if trainer_state.get("data_position"):
+            from alp_megatron.data.batches import DataPosition
+
+            batches.restore(DataPosition.from_dict(trainer_state["data_position"]))
+        engines = RolloutEngines(config.rollout, hf_dir, server_log_dir(out), f"v{weight_version}",
+                                 policy.arch.vocab_size)
+        urls, tp_sizes = engines.worker_urls, engines.engine_tp_sizes
+        first_group = trainer_state.get("next_group_id", 0)
+        schedule = (OneStepOff(engines, batches, first_group) if config.rollout.one_step_off else
+                    Synchronous(engines, batches, first_group, colocated=config.rollout.mode == "colocated"))
+        metrics_logger = MetricsLogger(out, config.metrics, to_dict(config),
+                                       resume_after_step=start_step - 1 if trainer_state else None)
+    weight_sync = TrainerWeightSync(config.weight_sync, urls, tp_sizes, config.rollout.api_key)
+    state = RunState(
+        config=config, policy=policy, weight_sync=weight_sync, checkpoint_dir=checkpoint_dir,
+        start_step=start_step, weight_version=weight_version,
+        divisible_by=config.actor.num_mini_batches * parallel_state.get_data_parallel_world_size()
+        * config.actor.micro_batch_size,
+        pad_to_multiple=config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1,
+        tokenizer=tokenizer, engines=engines, schedule=schedule, reward_fn=reward_fn,
+        metrics_logger=metrics_logger, last_saved_step=start_step - 1 if trainer_state else -1,
+    )
+    if rank0:
+        state.verify_prompts = [list(batches.source[i].prompt_ids) for i in range(min(2, len(batches.source)))]
+    if weight_version > 0:  # the engines start from the base checkpoint: give them the resumed weights
+        weight_sync.update(policy, f"v{weight_version}")
+    return state

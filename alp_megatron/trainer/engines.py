@@ -1,0 +1,111 @@
+"""The rollout side of a run, held by global rank 0: SGLang servers (launched here or given by URL), the
+optional router, the sampler, and a background event loop so a rollout can run while the trainer trains.
+
+Nothing here imports Megatron; the loop hands the samples to the trainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import Future
+from typing import Optional, Sequence
+
+from alp_megatron.rollout.client import ClientConfig, RolloutClient
+from alp_megatron.rollout.engine_control import EngineControl
+from alp_megatron.rollout.router import RouterConfig, SGLangRouter
+from alp_megatron.rollout.sampler import Sampler, SamplerConfig
+from alp_megatron.rollout.server import ServerConfig, start_servers, stop_servers
+from alp_megatron.rollout.types import RolloutBatch
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutEngines:
+    """Servers + router + sampler of a run. ``submit`` starts a rollout and returns a Future at once."""
+
+    def __init__(self, rollout_config, model_path: str, log_dir: str, weight_version: str, vocab_size: int):
+        self.config = rollout_config
+        self.servers, self.router = [], None
+        if rollout_config.server_urls:
+            self.worker_urls = tuple(url.rstrip("/") for url in rollout_config.server_urls)
+            for url in self.worker_urls:  # fail at start, naming the engine, rather than at the first rollout
+                EngineControl(url, api_key=rollout_config.api_key, timeout_s=30).model_info()
+        else:
+            configs = [
+                ServerConfig(model_path=model_path, port=0, host=rollout_config.host, tp_size=rollout_config.server_tp_size,
+                             dtype=rollout_config.server_dtype, mem_fraction=rollout_config.server_mem_fraction,
+                             weight_version=weight_version, api_key=rollout_config.api_key,
+                             extra_args=rollout_config.server_extra_args, log_dir=log_dir,
+                             startup_timeout_s=rollout_config.startup_timeout_s)
+                for _ in range(rollout_config.servers)
+            ]
+            logger.info("starting %d SGLang server(s) on %s (logs in %s)", len(configs), model_path, log_dir)
+            self.servers = start_servers(configs)
+            self.worker_urls = tuple(server.url for server in self.servers)
+        try:
+            generate_urls = (rollout_config.router_url,) if rollout_config.router_url else self.worker_urls
+            if rollout_config.router and not rollout_config.router_url:
+                self.router = SGLangRouter(RouterConfig(worker_urls=self.worker_urls, host=rollout_config.host,
+                                                        api_key=rollout_config.api_key, log_dir=log_dir))
+                self.router.start()
+                self.router.wait_healthy()
+                generate_urls = (self.router.url,)
+            client = RolloutClient(ClientConfig(urls=generate_urls, control_urls=self.worker_urls,
+                                                api_key=rollout_config.api_key, vocab_size=vocab_size))
+            self.sampler = Sampler(client, SamplerConfig(sampling=rollout_config.sampling,
+                                                         groups_in_flight=rollout_config.groups_in_flight))
+            self.controls = [EngineControl(url, api_key=rollout_config.api_key) for url in self.worker_urls]
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._stop_processes()
+            raise
+
+    @property
+    def engine_tp_sizes(self) -> Sequence[int]:
+        return [self.config.server_tp_size] * len(self.worker_urls)
+
+    def submit(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int]) -> "Future[RolloutBatch]":
+        """Start a rollout of ``prompts`` (one group each) on the background loop; returns its Future."""
+        return asyncio.run_coroutine_threadsafe(self.sampler.rollout(prompts, group_ids), self._loop)
+
+    def release_memory(self) -> None:
+        """Colocated mode: SGLang frees its GPU memory (weights, KV cache) while Megatron trains.
+        Needs ``--enable-memory-saver`` on a GPU; on CPU it is a no-op in SGLang."""
+        for control in self.controls:
+            control.release_memory_occupation()
+
+    def resume_memory(self) -> None:
+        for control in self.controls:
+            control.resume_memory_occupation()
+
+    def check_alive(self) -> None:
+        """Restart any launched server whose process died (the client already routes around it)."""
+        for server in self.servers:
+            if not server.is_alive():
+                logger.warning("SGLang server %s died; restarting it (log: %s)", server.url, server.log_path)
+                server.restart()
+
+    def _stop_processes(self) -> None:
+        if self.router is not None:
+            self.router.stop()
+        stop_servers(self.servers)
+
+    def close(self) -> None:
+        """Stop the background loop and every process this object started (by process id)."""
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self.sampler.client.close(), loop).result(timeout=30)
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(timeout=30)
+        self._stop_processes()
+
+
+def server_log_dir(output_dir: str) -> str:
+    path = os.path.join(output_dir, "logs")
+    os.makedirs(path, exist_ok=True)
+    return path

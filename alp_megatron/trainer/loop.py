@@ -1,0 +1,106 @@
+"""The RL loop: rollout -> reward -> advantages -> train -> weight update -> metrics -> checkpoint.
+
+Every rank runs :func:`run`. Global rank 0 also holds the rollout side (:class:`RolloutEngines`), the data,
+the rewards and the metrics sinks; the training batch reaches the other ranks by broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch.distributed as dist
+
+from alp_megatron.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from alp_megatron.trainer.samples import pack_training_batch, score_rollout
+from alp_megatron.trainer.build import RunState, build_run
+
+logger = logging.getLogger(__name__)
+
+
+def run(config, resume: bool = False) -> RunState:
+    """Train ``config.run.steps`` RL steps (continuing from the latest checkpoint when ``resume``)."""
+    state = build_run(config, resume)
+    policy, rank0 = state.policy, dist.get_rank() == 0
+    try:
+        for step in range(state.start_step, config.run.steps):
+            started = time.perf_counter()
+            packed = None
+            if rank0:
+                rollout = state.schedule.next_rollout()
+                scored = score_rollout(rollout.batch, rollout.prompts, state.reward_fn, state.tokenizer,
+                                       policy_version=state.weight_version)
+                packed = [pack_training_batch(scored, config.reward.advantage == "grpo", state.divisible_by,
+                                              state.tokenizer.pad_token_id or 0, state.pad_to_multiple,
+                                              policy.arch.max_position_embeddings, first_sample_id=step * 10**6),
+                          {**scored.metrics, "time_rollout": rollout.seconds}]
+            packed = _broadcast(packed)
+            batch, metrics = packed
+            train_start = time.perf_counter()
+            if rank0:
+                state.schedule.before_train()
+            report = policy.actor.train(batch) if batch is not None else None
+            if rank0:
+                state.schedule.after_train()
+            metrics["time_train"] = time.perf_counter() - train_start
+            if rank0:
+                state.schedule.before_sync()
+            state.weight_version += 1
+            metrics.update(state.weight_sync.update(policy, f"v{state.weight_version}"))
+            if config.weight_sync.verify_every and (step + 1) % config.weight_sync.verify_every == 0:
+                metrics.update(state.verify_engines())
+            metrics.update(_training_metrics(report, policy.sigma_by_layer(), policy.noise_ratio_by_layer()),
+                           weight_version=state.weight_version, time_step=time.perf_counter() - started)
+            if rank0:
+                record = state.metrics_logger.write(step, metrics)
+                logger.info(_summary(step, config.run.steps, record))
+            if config.checkpoint.save_every and (step + 1) % config.checkpoint.save_every == 0:
+                _save(state, step)
+        if state.last_saved_step != config.run.steps - 1 and state.start_step < config.run.steps:
+            _save(state, config.run.steps - 1)
+        if config.run.export_hf_at_end:
+            policy.save_hf(os.path.join(config.run.output_dir, "hf_final"))
+    finally:
+        state.close()
+    return state
+
+
+def _save(state: RunState, step: int) -> None:
+    trainer_state = {"weight_version": state.weight_version, "optimizer_steps": state.policy.actor.optimizer_steps,
+                     "next_step": step + 1, **(state.schedule.resume_state() if state.schedule else {})}
+    trainer_state = _broadcast(trainer_state)  # rank 0 holds the data position; rank 0 writes it
+    save_checkpoint(state.checkpoint_dir, step + 1, state.policy.ddp_chunks, state.policy.optimizer,
+                    state.policy.scheduler, trainer_state, state.config.checkpoint)
+    state.last_saved_step = step
+
+
+def _broadcast(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _training_metrics(report, sigmas: dict, noise_ratios: dict) -> dict:
+    values = list(sigmas.values()) or [float("nan")]
+    metrics = {"sigma_mean": sum(values) / len(values), "sigma_min": min(values), "sigma_max": max(values)}
+    metrics.update({f"sigma_layer{layer}": sigma for layer, sigma in sigmas.items()})
+    if noise_ratios:  # the realised relative size of the noise, ||h' - h|| / ||h||, per layer
+        metrics["noise_ratio_mean"] = sum(noise_ratios.values()) / len(noise_ratios)
+        metrics.update({f"noise_ratio_layer{layer}": ratio for layer, ratio in noise_ratios.items()})
+    if report is None:
+        return {**metrics, "skipped_steps": 0.0, "grad_norm": float("nan")}
+    applied_norms = [g for g, ok in zip(report.grad_norms, report.applied) if ok]
+    metrics.update({k: v for k, v in report.metrics.items() if isinstance(v, (int, float))})
+    metrics.update(grad_norm=sum(applied_norms) / len(applied_norms) if applied_norms else float("nan"),
+                   grad_norm_max=max(report.grad_norms), skipped_steps=float(report.skipped_steps),
+                   loss=sum(report.losses) / len(report.losses), optimizer_steps=float(len(report.losses)))
+    return metrics
+
+
+def _summary(step: int, steps: int, record: dict) -> str:
+    return (f"step {step + 1}/{steps}  reward {record.get('reward_mean', float('nan')):.3f}  "
+            f"ratio_seq_max {record.get('ratio_seq_max', float('nan')):.3f}  "
+            f"sigma {record.get('sigma_mean', float('nan')):.4f}  grad_norm {record.get('grad_norm', float('nan')):.3f}  "
+            f"v{record['weight_version']}  {record['time_step']:.1f}s (rollout {record.get('time_rollout', 0):.1f} "
+            f"train {record['time_train']:.1f} sync {record['time_sync']:.1f})")

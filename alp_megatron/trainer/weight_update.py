@@ -1,0 +1,75 @@
+"""Weight updates from a multi-rank trainer: every rank exports (the export is a collective), global
+rank 0 sends through :class:`WeightSync`, and all ranks agree on the outcome before the next attempt.
+
+A failed attempt is retried whole (a fresh export on every rank), ``retries`` times; then every rank
+raises the same error, so no rank waits alone in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable, Iterator, Optional
+
+import torch.distributed as dist
+
+from alp_megatron.bridge.weight_sync import EngineSpec, WeightSync, WeightSyncConfig, WeightSyncError
+from alp_megatron.errors import AlpError
+
+logger = logging.getLogger(__name__)
+
+
+class _Drainable:
+    """Wraps the export so rank 0 can finish iterating it (and its collectives) after a failed send."""
+
+    def __init__(self, buckets: Iterable):
+        self._iterator = iter(buckets)
+
+    def __iter__(self) -> Iterator:
+        return self._iterator
+
+    def drain(self) -> None:
+        for _ in self._iterator:
+            pass
+
+
+class TrainerWeightSync:
+    """Created on every rank; ``engine_urls`` and ``tp_sizes`` matter on global rank 0 only."""
+
+    def __init__(self, section, engine_urls=(), tp_sizes=(), api_key: Optional[str] = None):
+        self.section = section
+        self.rank0 = dist.get_rank() == 0
+        self.sync: Optional[WeightSync] = None
+        if self.rank0:
+            engines = [EngineSpec(url=url, tp_size=tp, api_key=api_key) for url, tp in zip(engine_urls, tp_sizes)]
+            self.sync = WeightSync(WeightSyncConfig(engines=engines, transport=section.transport,
+                                                    pause_mode=section.pause_mode, fp8=section.fp8, retries=0))
+
+    def update(self, policy, weight_version: str) -> dict:
+        """Push ``policy``'s weights to every engine as ``weight_version``. Collective; returns metrics."""
+        start = time.perf_counter()
+        last_error = ""
+        for attempt in range(1 + self.section.retries):
+            buckets = _Drainable(policy.hf_buckets(self.section.bucket_bytes))
+            outcome = [True, ""]
+            if self.rank0:
+                try:
+                    report = self.sync.sync(lambda: buckets, weight_version)
+                    outcome = [True, f"{report.buckets} buckets, {report.bytes / 2**20:.1f} MiB"]
+                except AlpError as error:
+                    outcome = [False, str(error)]
+                finally:
+                    buckets.drain()  # the other ranks are still in the export's collectives
+            else:
+                buckets.drain()
+            dist.broadcast_object_list(outcome, src=0)
+            if outcome[0]:
+                return {"time_sync": time.perf_counter() - start, "sync_attempts": float(attempt + 1)}
+            last_error = outcome[1]
+            logger.warning("weight update to %s failed (attempt %d of %d): %s", weight_version, attempt + 1,
+                           1 + self.section.retries, last_error)
+        raise WeightSyncError(f"weight update to {weight_version} failed on every attempt: {last_error}")
+
+    def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()

@@ -1,0 +1,67 @@
+"""Where an RL step of the CPU run spends its time, and what ALP costs against `bypass`, in one invocation.
+
+    python benchmarks/loop_breakdown.py [--steps 12] [--out runs/bench_loop]
+
+Runs the embedded CPU config twice, one after the other, with the same seed: ALP (alp_seq, perturbation on)
+and bypass (same loss, perturbation off). Prints, per run, the median share of a step spent in rollout,
+training and weight sync (target: sync <= 5 %), and the ALP / bypass ratio of median step and train times.
+The first step of each run (start-up effects) is left out of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from alp_megatron.trainer.metrics import read_metrics  # noqa: E402
+
+VARIANTS = {"alp": ["loss.method=alp_seq", "alp.enabled=true"],
+            "bypass": ["loss.method=bypass", "alp.enabled=false"]}
+
+
+def run(out: str, steps: int, overrides: list[str]) -> list[dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "alp_megatron.cli", "--config", os.path.join(REPO, "examples", "cpu_tiny.yaml"), "--output-dir", out,
+               "--steps", str(steps), "metrics.tensorboard=false", "run.export_hf_at_end=false",
+               "checkpoint.save_every=0", "weight_sync.verify_every=0", *overrides]
+    with open(out + ".log", "w") as log:
+        subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return read_metrics(os.path.join(out, "metrics.jsonl"))[1:]
+
+
+def median(records: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in records)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--out", default=os.path.join(REPO, "runs", "bench_loop"))
+    args = parser.parse_args()
+    results = {name: run(f"{args.out}_{name}", args.steps, overrides) for name, overrides in VARIANTS.items()}
+    print(f"{'run':<8} {'step s':>7} {'rollout %':>9} {'train %':>8} {'sync %':>7} {'other %':>8}")
+    for name, records in results.items():
+        step = median(records, "time_step")
+        shares = {k: 100 * statistics.median(r[k] / r["time_step"] for r in records)
+                  for k in ("time_rollout", "time_train", "time_sync")}
+        other = 100 - sum(shares.values())
+        print(f"{name:<8} {step:>7.2f} {shares['time_rollout']:>9.1f} {shares['time_train']:>8.1f} "
+              f"{shares['time_sync']:>7.1f} {other:>8.1f}")
+    alp, bypass = results["alp"], results["bypass"]
+    print(f"ALP / bypass: step time {median(alp, 'time_step') / median(bypass, 'time_step'):.3f}, "
+          f"train time {median(alp, 'time_train') / median(bypass, 'time_train'):.3f} "
+          f"(medians of {len(alp)} steps; CPU, 2 trainer ranks at TP=2, 1 SGLang server)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

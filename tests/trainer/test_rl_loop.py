@@ -1,0 +1,157 @@
+"""The RL loop end to end on CPU: `alp-train` under torchrun (TP=2) with a real SGLang server, the bridge
+syncing every step, checkpoints, resume, one-step-off, and the errors a user can cause."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alp_megatron.trainer.metrics import REQUIRED_KEYS, read_metrics
+
+pytestmark = pytest.mark.sglang
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "examples", "cpu_tiny.yaml")
+# The CPU example, made small: 8 prompts x 4 samples, 2 mini-batch steps per rollout.
+SMALL = ["model.tiny_warm_start_steps=30", "data.prompts_per_step=8", "rollout.sampling.n=4",
+         "actor.num_mini_batches=2", "actor.epochs=1", "actor.micro_batch_size=8",
+         "rollout.startup_timeout_s=900", "metrics.tensorboard=false", "run.export_hf_at_end=true"]
+
+
+def alp_train(output_dir, *overrides, steps=4, resume=False, wait=True):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "alp_megatron.cli", "--config", CONFIG, "--output-dir", str(output_dir), "--steps", str(steps),
+               *SMALL, *overrides]
+    if resume:
+        command.append("--resume")
+    log = open(os.path.join(str(output_dir) + ".log"), "a")
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if not wait:
+        return process
+    code = process.wait(timeout=1500)
+    assert code == 0, f"alp-train failed ({code}); log: {open(str(output_dir) + '.log').read()[-4000:]}"
+    return process
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    alp_train(out, "weight_sync.verify_every=1", "checkpoint.save_every=2")
+    return out
+
+
+def test_every_step_logs_every_metric_and_the_bridge_check_passes(uninterrupted):
+    records = read_metrics(os.path.join(uninterrupted, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for record in records:
+        missing = [key for key in REQUIRED_KEYS if key not in record]
+        assert not missing, f"step {record['step']} lacks {missing}"
+        assert record["verify_max_logprob_diff"] <= 1e-4  # the engine's logprobs equal the trainer's
+        assert record["verify_max_weight_diff"] == 0.0
+        assert record["mismatch_k3"] < 1e-6  # fp32 engine and fp32 trainer agree
+    assert [r["weight_version"] for r in records] == [1, 2, 3, 4]
+    assert all(r["time_sync"] > 0 and r["time_rollout"] > 0 and r["time_train"] > 0 for r in records)
+
+
+def test_final_export_is_a_loadable_hf_folder_without_log_sigma(uninterrupted):
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.join(uninterrupted, "hf_final")
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    assert tensors and not any("sigma" in name for name in tensors)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert model.config.architectures == ["LlamaForCausalLM"]
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    process = alp_train(out, "checkpoint.save_every=2", wait=False)
+    latest = os.path.join(out, "checkpoints", "latest")
+    deadline = time.monotonic() + 1200
+    while not os.path.exists(latest) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert os.path.exists(latest), f"no checkpoint was written; log: {open(str(out) + '.log').read()[-3000:]}"
+    os.killpg(process.pid, signal.SIGKILL)  # the whole run, SGLang server included, dies at once
+    process.wait()
+    alp_train(out, "checkpoint.save_every=2", resume=True)
+    full = read_metrics(os.path.join(uninterrupted, "metrics.jsonl"))
+    resumed = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    for want, got in zip(full[2:], resumed[2:]):
+        for key in ("reward_mean", "response_len_mean", "ratio_seq_max", "clip_frac", "sigma_mean", "grad_norm",
+                    "entropy", "loss"):
+            assert got[key] == want[key], f"step {got['step']}: {key}"
+    final_full = load_file(os.path.join(uninterrupted, "hf_final", "model.safetensors"))
+    final_resumed = load_file(os.path.join(out, "hf_final", "model.safetensors"))
+    assert final_full.keys() == final_resumed.keys()
+    for name in final_full:
+        assert torch.equal(final_full[name], final_resumed[name]), name
+
+
+def test_one_step_off_keeps_staleness_at_most_one(tmp_path):
+    out = tmp_path / "one_step_off"
+    alp_train(out, "rollout.mode=disaggregated", "rollout.one_step_off=true", steps=3)
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert len(records) == 3
+    assert records[0]["staleness_max"] == 0  # the first rollout uses the starting weights
+    assert all(r["staleness_max"] <= 1 for r in records)
+    assert any(r["staleness_mean"] == 1 for r in records[1:])
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "alp_megatron.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_unknown_or_ill_typed_config_fields_fail_at_start(tmp_path):
+    result = _cli("--config", CONFIG, "--output-dir", str(tmp_path), "alp.sigma0=0.1")
+    assert result.returncode == 2 and "alp.sigma0" in result.stderr and "sigma_0" in result.stderr
+    result = _cli("--config", CONFIG, "--output-dir", str(tmp_path), "actor.num_mini_batches=two")
+    assert result.returncode == 2 and "actor.num_mini_batches" in result.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_an_unreachable_engine_is_named(tmp_path):
+    result = _cli("--config", CONFIG, "--output-dir", str(tmp_path / "run"), *SMALL, "parallel.tensor_parallel=1",
+                  "rollout.mode=disaggregated", "rollout.server_urls=[http://127.0.0.1:9]")
+    assert result.returncode != 0
+    assert "http://127.0.0.1:9" in result.stderr
+
+
+def test_a_checkpoint_of_another_model_is_refused_untouched(uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(uninterrupted, out)
+    before = {name: os.path.getmtime(os.path.join(out, "checkpoints", name))
+              for name in os.listdir(os.path.join(out, "checkpoints"))}
+    # a differently shaped model (3 layers instead of 2) reading the 2-layer run's checkpoint
+    other = tmp_path / "other_model"
+    from alp_megatron.model.tiny import save_tiny_model
+    from alp_megatron.model.warm_start import TINY_DEMO_SHAPE
+
+    save_tiny_model(str(other), "LlamaForCausalLM", **{**TINY_DEMO_SHAPE, "num_hidden_layers": 3})
+    result = _cli("--config", CONFIG, "--output-dir", str(out), "--resume", *SMALL, "parallel.tensor_parallel=1",
+                  f"model.hf_path={other}", "run.steps=6")
+    assert result.returncode != 0
+    assert "does not fit this model" in result.stderr
+    after = {name: os.path.getmtime(os.path.join(out, "checkpoints", name))
+             for name in os.listdir(os.path.join(out, "checkpoints"))}
+    assert after == before
+
+
+def test_a_dataset_row_without_its_answer_is_named(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "1234=", "label": "4321"}) + "\n" + json.dumps({"prompt": "5678="}) + "\n")
+    result = _cli("--config", CONFIG, "--output-dir", str(tmp_path / "run"), *SMALL, "parallel.tensor_parallel=1",
+                  "data.toy_task=null", f"data.paths=[{data}]", "data.apply_chat_template=false",
+                  "reward.function=exact_match")
+    assert result.returncode != 0
+    assert "prompts.jsonl" in result.stderr and "line 2" in result.stderr and "label" in result.stderr
