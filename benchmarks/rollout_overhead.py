@@ -1,12 +1,17 @@
 """Rollout overhead: tokens/s through our Sampler against direct batched ``/generate`` calls, same server.
 
-Both paths generate the same work (``prompts`` groups of ``n`` samples, ``max_new_tokens`` each, EOS
+Three paths generate the same work (``prompts`` groups of ``n`` samples, ``max_new_tokens`` each, EOS
 ignored, logprobs returned) on the same server in the same run, interleaved round by round, with the
-prefix cache flushed before every run. The direct path sends every sample in one ``/generate`` call
-with plain aiohttp (no validation, no sample objects); the sampler path sends one call per group
-through ``RolloutClient`` with all groups in flight. Each round runs both paths back to back (order
-alternating); the printed ratio is the median over rounds of sampler / direct tokens/s in the same
-round, which cancels slow drifts of a shared machine. 1.0 means no overhead.
+prefix cache flushed before every run:
+
+* ``one_call``: every sample in a single batched ``/generate`` call, plain aiohttp;
+* ``per_group``: one batched ``/generate`` call per group, all in flight at once, plain aiohttp (the
+  request pattern of the sampler without any of our code);
+* ``sampler``: ``Sampler`` + ``RolloutClient`` (one call per group, validated, turned into samples).
+
+Each round runs the three back to back (order rotating); a ratio is the median over rounds of the
+sampler's tokens/s over a direct path's in the same round, which cancels slow drifts of a shared
+machine. 1.0 means no overhead.
 
     python benchmarks/rollout_overhead.py                     # starts a server on the tiny model
     python benchmarks/rollout_overhead.py --url http://127.0.0.1:30000 --model-path /path/to/model
@@ -37,15 +42,25 @@ def make_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> lis
     return [[1] + [rng.randrange(3, vocab_size) for _ in range(length - 1)] for _ in range(count)]
 
 
-async def direct_run(url: str, prompts, n: int, params: dict) -> int:
-    """All samples in one batched ``/generate`` call; returns the number of generated tokens."""
-    body = {"input_ids": [prompt for prompt in prompts for _ in range(n)], "sampling_params": params,
-            "return_logprob": True}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
-        async with session.post(url + "/generate", json=body) as response:
-            response.raise_for_status()
-            answers = await response.json()
+async def _post(session: aiohttp.ClientSession, url: str, input_ids: list, params: dict) -> int:
+    body = {"input_ids": input_ids, "sampling_params": params, "return_logprob": True}
+    async with session.post(url + "/generate", json=body) as response:
+        response.raise_for_status()
+        answers = await response.json()
     return sum(len(answer["output_ids"]) for answer in answers)
+
+
+async def one_call_run(url: str, prompts, n: int, params: dict) -> int:
+    """All samples in one batched ``/generate`` call; returns the number of generated tokens."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        return await _post(session, url, [prompt for prompt in prompts for _ in range(n)], params)
+
+
+async def per_group_run(url: str, prompts, n: int, params: dict) -> int:
+    """One batched ``/generate`` call per group, all at once; returns the number of generated tokens."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        counts = await asyncio.gather(*(_post(session, url, [prompt] * n, params) for prompt in prompts))
+    return sum(counts)
 
 
 async def sampler_run(url: str, vocab_size: int, prompts, sampling: SamplingConfig) -> int:
@@ -59,10 +74,11 @@ async def sampler_run(url: str, vocab_size: int, prompts, sampling: SamplingConf
     return batch.num_tokens()
 
 
-def timed(coroutine_factory) -> tuple[int, float]:
-    start = time.perf_counter()
+def timed(coroutine_factory) -> tuple[int, float, float]:
+    """Run one path: (tokens, wall seconds, CPU seconds of this client process)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokens = asyncio.run(coroutine_factory())
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 @contextlib.contextmanager
@@ -98,27 +114,37 @@ def main(argv=None) -> None:
         params = sampling.sglang_params()
         control = EngineControl(url)
         paths = {
-            "direct": lambda: direct_run(url, prompts, args.n, params),
+            "one_call": lambda: one_call_run(url, prompts, args.n, params),
+            "per_group": lambda: per_group_run(url, prompts, args.n, params),
             "sampler": lambda: sampler_run(url, vocab, prompts, sampling),
         }
         for path in paths.values():  # warm-up, not counted
             timed(path)
         rates: dict[str, list[float]] = {name: [] for name in paths}
+        client_cpu: dict[str, list[float]] = {name: [] for name in paths}
+        names = list(paths)
         for round_index in range(args.rounds):
-            order = list(paths) if round_index % 2 == 0 else list(reversed(paths))
-            for name in order:
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
                 control.flush_cache()
-                tokens, seconds = timed(paths[name])
+                tokens, seconds, cpu = timed(paths[name])
                 rates[name].append(tokens / seconds)
-                print(f"round {round_index} {name:8s} {tokens} tokens in {seconds:.2f} s "
-                      f"= {tokens / seconds:.0f} tok/s", flush=True)
-        ratios = [ours / direct for ours, direct in zip(rates["sampler"], rates["direct"])]
+                client_cpu[name].append(cpu)
+                print(f"round {round_index} {name:9s} {tokens} tokens in {seconds:.2f} s "
+                      f"= {tokens / seconds:.0f} tok/s (client CPU {cpu * 1000:.0f} ms)", flush=True)
         print(f"workload: {args.prompts} prompts x n={args.n} x {args.max_new_tokens} new tokens, "
               f"prompt {args.prompt_len} tokens, {args.rounds} interleaved rounds")
-        print(f"direct batched /generate: {statistics.median(rates['direct']):.0f} tok/s (median)")
-        print(f"sampler:                  {statistics.median(rates['sampler']):.0f} tok/s (median)")
-        print(f"ratio sampler/direct:     {statistics.median(ratios):.3f} (median of per-round ratios; "
-              f"range {min(ratios):.2f}-{max(ratios):.2f})")
+        for name in names:
+            print(f"{name:9s}: {statistics.median(rates[name]):.0f} tok/s, client CPU "
+                  f"{statistics.median(client_cpu[name]) * 1000:.0f} ms per run (medians)")
+        for baseline in ("one_call", "per_group"):
+            ratios = [ours / theirs for ours, theirs in zip(rates["sampler"], rates[baseline])]
+            print(f"ratio sampler/{baseline}: {statistics.median(ratios):.3f} (median of per-round ratios; "
+                  f"range {min(ratios):.2f}-{max(ratios):.2f})")
+        extra_cpu = statistics.median(client_cpu["sampler"]) - statistics.median(client_cpu["per_group"])
+        wall = args.prompts * args.n * args.max_new_tokens / statistics.median(rates["per_group"])
+        print(f"client CPU the sampler adds over per_group: {extra_cpu * 1000:.0f} ms per run, "
+              f"{100 * extra_cpu / wall:.1f}% of a per_group run's wall time")
 
 
 if __name__ == "__main__":

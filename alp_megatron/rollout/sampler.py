@@ -1,7 +1,8 @@
 """Batch rollout: ``n`` samples per prompt (a group), a bounded number of groups in flight, weight versions.
 
-Each group is one batched ``/generate`` call of ``n`` copies of its prompt; the client retries it on
-another server when a server dies, so every group ends with exactly ``n`` samples. A sample that comes
+Each group is one batched ``/generate`` call of ``n`` copies of its prompt (``n`` single calls when
+``sampling.seed`` gives every response its own seed); the client retries a call on another server
+when a server dies, so every group ends with exactly ``n`` samples. A sample that comes
 back aborted because generation was paused (``pause(mode="abort")`` around a weight update) is
 continued from where it stopped once generation resumes: the continuation's prompt is the prompt plus
 the partial response, and the weight-version spans of both parts are joined, so the sample records
@@ -101,9 +102,17 @@ class Sampler:
 
     async def _group(self, prompt: list[int], group_id: int) -> list[Sample]:
         n = self.config.sampling.n
-        params = [self._seeded(self.config.sampling.sglang_params(), group_id, index) for index in range(n)]
+        params = self.config.sampling.sglang_params()
         try:
-            completions = await self.client.generate_batch([prompt] * n, params, label=f"group {group_id}")
+            if self.config.sampling.seed is None:
+                completions = await self.client.generate_batch([prompt] * n, params, label=f"group {group_id}")
+            else:
+                # Each response has its own seed, and sglang-router refuses a batch with one sampling_params
+                # per item (HTTP 422), so a seeded group is n single requests.
+                completions = await asyncio.gather(*(
+                    self.client.generate(prompt, self._seeded(params, group_id, index),
+                                         rid=self.client.new_rid(f"g{group_id}-s{index}"))
+                    for index in range(n)))
         except EngineError as error:
             raise RolloutError(f"group {group_id} (prompt of {len(prompt)} tokens) failed: {error}") from error
         samples = [self._sample(prompt, completion, group_id, index) for index, completion in enumerate(completions)]

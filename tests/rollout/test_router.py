@@ -54,6 +54,19 @@ def test_groups_complete_through_the_router(router, servers, client_config):
     assert {worker["url"] for worker in router.workers()} == {server.url for server in servers}
 
 
+def test_seeded_rollouts_repeat_through_the_router(router, servers, client_config):
+    """Each response has its own seed: the same rollout twice gives the same tokens (whichever worker
+    served it), and the responses of a group differ."""
+    prompts = [[1, 8, 9], [1, 10]]
+    runs = [_sampler(router, servers, client_config, n=3, max_new_tokens=12, seed=5).run(prompts) for _ in range(2)]
+    for batch in runs:
+        _assert_every_group_full(batch, prompts, 3)
+    first, second = ([(s.group_id, s.sample_index, s.response_ids) for s in batch.samples] for batch in runs)
+    assert first == second
+    for group in runs[0].groups().values():
+        assert len({tuple(sample.response_ids) for sample in group}) > 1
+
+
 def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, servers, client_config):
     """Two rollouts run while one server is killed: one through the router (which sends the failed
     requests to the other worker) and one whose client talks to both servers directly (our client
@@ -71,10 +84,10 @@ def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, serv
 
     async def scenario():
         rollouts = asyncio.gather(via_router.rollout(prompts), direct.rollout(prompts))
-        await asyncio.sleep(1.5)
-        assert not rollouts.done(), "the rollouts ended before the kill; slow the servers down more"
-        os.killpg(victim.pid, signal.SIGKILL)
         try:
+            await asyncio.sleep(1.5)
+            assert not rollouts.done(), "the rollouts ended before the kill; slow the servers down more"
+            os.killpg(victim.pid, signal.SIGKILL)
             return await rollouts
         finally:
             await via_router.client.close()
