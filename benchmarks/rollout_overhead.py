@@ -98,10 +98,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an SGLang server to measure (default: start one on the tiny model)")
     parser.add_argument("--model-path", help="the model the --url server serves (for its vocab size)")
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args(argv)
     if args.url and not args.model_path:
