@@ -126,19 +126,12 @@ def megatron_source(folder: str, bucket_bytes: int):
 
 
 def hf_source(folder: str, bucket_bytes: int):
+    from alp_megatron.bridge.export import bucketed
+
     tensors = _named(folder)
 
     def make():
-        bucket, size = [], 0
-        for name, tensor in tensors.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
-        if bucket:
-            yield bucket
+        return bucketed(tensors.items(), bucket_bytes)
 
     return make, list(tensors.values())
 

@@ -10,7 +10,7 @@ bucket plus the tensor being gathered are alive at a time, never the whole model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,16 +55,23 @@ def export_hf_buckets(
                           "use e.g. 256 MiB (268435456)")
     ranks = ParallelRanks.current()
     items = _catalogue([b for b in bind_parameters(model_chunks, arch, ranks) if b.exported], arch, ranks, dtype)
+    named = ((name, tensor) for item in items
+             for name, tensor in zip(item.names, _materialise(item, arch, ranks, dtype)))
+    yield from bucketed(named, bucket_bytes)
+
+
+def bucketed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+    """Group ``(name, tensor)`` pairs, in order, into lists of at most ``bucket_bytes`` (a larger tensor comes
+    alone). Lazy: a tensor is pulled only when the bucket before it is complete or still has room."""
     bucket: Bucket = []
     size = 0
-    for item in items:
-        for name, tensor in zip(item.names, _materialise(item, arch, ranks, dtype)):
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
     if bucket:
         yield bucket
 

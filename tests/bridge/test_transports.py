@@ -14,6 +14,7 @@ import pytest
 import requests
 import torch
 
+from alp_megatron.bridge.export import bucketed
 from alp_megatron.bridge.transports import (
     WeightTransport,
     aligned_order,
@@ -52,16 +53,7 @@ def buckets_of(tensors: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTE
     """A factory of buckets of at most ``bucket_bytes`` (a tensor larger than that gets its own bucket)."""
 
     def make():
-        bucket, size = [], 0
-        for name, tensor in tensors.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
-        if bucket:
-            yield bucket
+        return bucketed(tensors.items(), bucket_bytes)
 
     return make
 
