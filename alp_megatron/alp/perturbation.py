@@ -26,6 +26,7 @@ import torch
 from alp_megatron.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
+TARGETS = ("layers", "logits")
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,14 @@ class PerturbationConfig:
     seed: int = 1234
     sigma_lr: float = 1e-2
     sigma_weight_decay: float = 0.0
+    # "layers": every decoder layer's input (ALP). "logits": one sigma on the final logits instead (the
+    # paper's logits-only ablation; the decoder layers are left alone and perturb_start/end do not apply).
+    target: str = "layers"
 
     def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ConfigError("alp.target", f"{self.target!r} is not a perturbation target",
+                              f"use one of {TARGETS} ('layers' is ALP; 'logits' is the logits-only ablation)")
         if not (isinstance(self.sigma_0, (int, float)) and math.isfinite(self.sigma_0) and self.sigma_0 > 0):
             raise ConfigError(
                 "alp.sigma_0", f"must be a positive finite number, got {self.sigma_0!r}",
@@ -81,7 +88,11 @@ class PerturbationConfig:
 
     def perturbs(self, layer_index: int, num_layers: int) -> bool:
         end = num_layers if self.perturb_end is None else self.perturb_end
-        return self.enabled and self.perturb_start <= layer_index < end
+        return self.enabled and self.target == "layers" and self.perturb_start <= layer_index < end
+
+    @property
+    def perturbs_logits(self) -> bool:
+        return self.enabled and self.target == "logits"
 
 
 @dataclass(frozen=True)
@@ -171,9 +182,11 @@ class NoiseSource:
         return self._key
 
     def draw(
-        self, key: NoiseKey, layer_index: int, shard: SequenceShard, local_shape: torch.Size, device
+        self, key: NoiseKey, layer_index: int, shard: SequenceShard, local_shape: torch.Size, device,
+        columns: Optional["ColumnShard"] = None,
     ) -> torch.Tensor:
-        """fp32 noise of ``local_shape`` = ``[s_local, batch, hidden]`` for this rank."""
+        """fp32 noise of ``local_shape`` = ``[s_local, batch, hidden]`` for this rank; with ``columns`` the
+        last dimension is this rank's slice of a wider one (vocab-parallel logits)."""
         local_len, batch, hidden = local_shape
         if batch != len(key.sample_ids):
             raise RuntimeError(
@@ -181,13 +194,26 @@ class NoiseSource:
                 "pass one global sample id per sample to set_microbatch"
             )
         full_len = shard.full_length(local_len)
+        width = hidden if columns is None else columns.full_width
         per_sample = []
         for sample_id in key.sample_ids:
             generator = torch.Generator(device=device)
             generator.manual_seed(noise_seed(self.seed, key.step, sample_id, layer_index))
-            full = torch.randn(full_len, hidden, generator=generator, device=device, dtype=torch.float32)
+            full = torch.randn(full_len, width, generator=generator, device=device, dtype=torch.float32)
+            if columns is not None:  # this rank's columns; any past full_width (vocab padding) get zeros
+                full = full[:, columns.start : columns.start + hidden]
+                full = torch.nn.functional.pad(full, (0, hidden - full.shape[1]))
             per_sample.append(shard.rows(full))
         return torch.stack(per_sample, dim=1)
+
+
+@dataclass(frozen=True)
+class ColumnShard:
+    """This rank's columns ``[start, start + local width)`` of a last dimension ``full_width`` wide (the real
+    vocabulary: columns past it, the padding that makes it divisible by tensor parallelism, get no noise)."""
+
+    start: int
+    full_width: int
 
 
 class LayerPerturbation(torch.nn.Module):
@@ -228,17 +254,69 @@ class LayerPerturbation(torch.nn.Module):
         if not (self.training and self.source.enabled):
             return hidden_states
         key = self.source.key_for(self.layer_index, self.training)
-        eps = self.source.draw(key, self.layer_index, self.shard, hidden_states.shape, hidden_states.device)
+        eps = self._draw(key, hidden_states)
         # fp32 (or wider, for fp64 hidden states) product, then the hidden-state dtype
         compute = torch.promote_types(torch.float32, hidden_states.dtype)
-        delta = (self.log_sigma.to(compute).exp() * eps.to(compute)).to(hidden_states.dtype)
+        log_sigma = self._log_sigma_in_graph(hidden_states)
+        delta = (log_sigma.to(compute).exp() * eps.to(compute)).to(hidden_states.dtype)
         with torch.no_grad():
             self.last_noise_sq = delta.float().pow(2).sum()
             self.last_hidden_sq = hidden_states.float().pow(2).sum()
         return hidden_states + delta
 
+    def _draw(self, key: NoiseKey, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.source.draw(key, self.layer_index, self.shard, hidden_states.shape, hidden_states.device)
+
+    def _log_sigma_in_graph(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.log_sigma
+
     def extra_repr(self) -> str:
         return f"layer_index={self.layer_index}, sigma={self.sigma.item():.4g}"
+
+
+class LogitsPerturbation(LayerPerturbation):
+    """The logits-only ablation: ``logits + exp(log_sigma) * eps`` on the output layer's logits.
+
+    ``layer_index`` is the number of decoder layers (one past the last layer), so its noise and its metrics
+    keys never collide with a layer's. Under tensor parallelism each rank holds a vocabulary slice
+    (``columns``) of the full-vocabulary noise, so the result is layout-independent; each rank's
+    ``log_sigma`` gradient then covers only its slice, and the full gradient is summed over ``tp_group``
+    in backward (Megatron's DDP does not reduce replicated parameters over tensor parallelism).
+    """
+
+    def __init__(self, source: NoiseSource, layer_index: int, shard: SequenceShard, sigma_0: float,
+                 columns: ColumnShard, learnable: bool = True, tp_group=None):
+        super().__init__(source, layer_index, shard, sigma_0, learnable, sequence_parallel=False)
+        self.columns = columns
+        self.tp_group = tp_group
+
+    def _gathered(self, logits: torch.Tensor) -> bool:
+        """Logits gathered over the (padded) vocabulary: identical on every tensor-parallel rank."""
+        return logits.shape[-1] >= self.columns.full_width
+
+    def _draw(self, key: NoiseKey, logits: torch.Tensor) -> torch.Tensor:
+        columns = ColumnShard(0, self.columns.full_width) if self._gathered(logits) else self.columns
+        return self.source.draw(key, self.layer_index, self.shard, logits.shape, logits.device, columns)
+
+    def _log_sigma_in_graph(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._gathered(logits) or self.tp_group is None or torch.distributed.get_world_size(self.tp_group) == 1:
+            return self.log_sigma
+        return _SumGradOverGroup.apply(self.log_sigma, self.tp_group)
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over ``group``."""
+
+    @staticmethod
+    def forward(ctx, value, group):
+        ctx.group = group
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def perturbation_modules(model: torch.nn.Module) -> Iterator[LayerPerturbation]:

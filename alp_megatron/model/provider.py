@@ -280,8 +280,34 @@ def build_model(
                 vp_stage=stage,
             )
         )
+        if alp.perturbs_logits and chunks[-1].post_process:
+            _perturb_logits(chunks[-1], arch, alp, source)
         _mask_padded_vocab(chunks[-1], arch.vocab_size)
     return chunks
+
+
+def _perturb_logits(chunk, arch: ModelArch, alp: PerturbationConfig, source: NoiseSource) -> None:
+    """The logits-only ablation: a :class:`LogitsPerturbation` as ``chunk.alp`` (so its ``log_sigma`` is named
+    ``alp.log_sigma``, like a layer's: optimised, checkpointed, never exported), applied to the output
+    layer's vocab-parallel logits (the full sequence of this rank: the output layer gathers a
+    sequence-parallel input)."""
+    from megatron.core import parallel_state
+
+    from alp_megatron.alp.perturbation import ColumnShard, LogitsPerturbation, SequenceShard
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    shard = SequenceShard(cp_rank=parallel_state.get_context_parallel_rank(),
+                          cp_size=parallel_state.get_context_parallel_world_size())
+    columns = ColumnShard(start=tp_rank * (chunk.vocab_size // tp_size), full_width=arch.vocab_size)
+    chunk.alp = LogitsPerturbation(source, arch.num_layers, shard, alp.sigma_0, columns, alp.learnable,
+                                   tp_group=parallel_state.get_tensor_model_parallel_group())
+
+    def perturb(module, inputs, output):
+        logits, bias = output
+        return chunk.alp(logits), bias
+
+    chunk.output_layer.register_forward_hook(perturb)
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:

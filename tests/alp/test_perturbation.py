@@ -185,3 +185,22 @@ def test_layer_range_selects_layers():
     cfg = PerturbationConfig(perturb_start=1, perturb_end=3)
     assert [cfg.perturbs(i, 4) for i in range(4)] == [False, True, True, False]
     assert not PerturbationConfig(enabled=False).perturbs(0, 4)
+
+
+def test_vocab_parallel_logits_noise_is_an_exact_column_slice():
+    from alp_megatron.alp.perturbation import ColumnShard
+
+    source, key, shape = NoiseSource(seed=5), NoiseKey(3, (10, 11)), torch.Size([12, 2, 8])
+    full = source.draw(key, 4, SequenceShard(), shape, "cpu", ColumnShard(0, 8))
+    halves = [source.draw(key, 4, SequenceShard(), torch.Size([12, 2, 4]), "cpu", ColumnShard(start, 8))
+              for start in (0, 4)]
+    assert torch.equal(torch.cat(halves, dim=-1), full)
+
+
+def test_logits_target_leaves_the_layers_alone():
+    config = PerturbationConfig(target="logits")
+    assert config.perturbs_logits and not any(config.perturbs(layer, 4) for layer in range(4))
+    assert not PerturbationConfig().perturbs_logits
+    assert not PerturbationConfig(target="logits", enabled=False).perturbs_logits
+    with pytest.raises(ConfigError, match="alp.target"):
+        PerturbationConfig(target="embeddings")

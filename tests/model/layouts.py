@@ -41,6 +41,12 @@ class Layout:
     model: ModelConfig = ModelConfig()
     distributed_optimizer: bool = False
     loss_method: str = "alp_seq"
+    alp: PerturbationConfig = ALP
+
+    @property
+    def reference(self) -> str:
+        """Which reference weights the layout loads (a logits-perturbed model has one more log_sigma)."""
+        return f"{self.architecture}/{self.alp.target}"
 
 
 def arch_for(layout: Layout) -> ModelArch:
@@ -98,7 +104,7 @@ def make_loss_function(method: str):
 def build(layout: Layout):
     initialize_parallel(layout.parallel, seed=1234)
     torch.manual_seed(1234)
-    return build_model(arch_for(layout), layout.parallel, layout.model, ALP)
+    return build_model(arch_for(layout), layout.parallel, layout.model, layout.alp)
 
 
 def save_reference(layout: Layout, directory: str) -> None:
@@ -140,7 +146,7 @@ def train(layout: Layout, reference_dir: str) -> dict:
     load_reference(chunks, reference_dir)
     settings = dataclasses.replace(OPTIM, use_distributed_optimizer=layout.distributed_optimizer)
     ddp_chunks = wrap_ddp(chunks, settings)
-    optimizer, scheduler = build_optimizer(ddp_chunks, settings, ALP)
+    optimizer, scheduler = build_optimizer(ddp_chunks, settings, layout.alp)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     batches = micro_batches(global_batch(arch_for(layout).vocab_size), dp_rank, dp_size)
@@ -165,15 +171,15 @@ def run_layouts(layouts: list[Layout], reference_dirs: dict) -> list[dict]:
     """Rank entry point: train each layout in turn in this process group."""
     results = []
     for layout in layouts:
-        results.append(train(layout, reference_dirs[layout.architecture]))
+        results.append(train(layout, reference_dirs[layout.reference]))
     return results
 
 
 def run_reference(layouts: list[Layout], reference_dirs: dict) -> list[dict]:
     """Single-rank entry point: write each architecture's reference weights, then train the layouts."""
     for layout in layouts:
-        if layout.architecture in reference_dirs and not _written(reference_dirs[layout.architecture]):
-            save_reference(layout, reference_dirs[layout.architecture])
+        if layout.reference in reference_dirs and not _written(reference_dirs[layout.reference]):
+            save_reference(layout, reference_dirs[layout.reference])
     return run_layouts(layouts, reference_dirs)
 
 

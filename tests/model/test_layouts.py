@@ -4,19 +4,25 @@ Same reference weights, data and seed: after 3 optimizer steps the loss, gradien
 log_sigma value and gradient under each layout equal the single-rank run (rtol 1e-5).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from tests.distributed import run_ranks
-from tests.model.layouts import Layout, run_layouts, run_reference
+from tests.model.layouts import ALP, Layout, run_layouts, run_reference
 
 pytestmark = pytest.mark.megatron
 
 DENSE = "LlamaForCausalLM"  # GQA, RMSNorm, SwiGLU, RoPE, tied embeddings
 MOE = "Qwen3MoeForCausalLM"  # q/k norms, 4 experts top-2, untied embeddings
 
-REFERENCES = [Layout("dense", DENSE), Layout("moe", MOE, loss_method="alp_token")]
+ALP_LAYERS = 4  # decoder layers of the tiny test models (tests/tiny_models.py)
+LOGITS_ONLY = dataclasses.replace(ALP, target="logits")  # the ablation: one sigma on the vocab-parallel logits
+
+REFERENCES = [Layout("dense", DENSE), Layout("moe", MOE, loss_method="alp_token"),
+              Layout("dense_logits_only", DENSE, loss_method="alp_token", alp=LOGITS_ONLY)]
 
 TWO_RANKS = [
     Layout("tp2", DENSE, ParallelConfig(tensor_parallel=2)),
@@ -28,6 +34,9 @@ TWO_RANKS = [
     Layout("ep2_alltoall", MOE, ParallelConfig(expert_parallel=2), loss_method="alp_token"),
     Layout("ep2_allgather", MOE, ParallelConfig(expert_parallel=2), ModelConfig(moe_dispatcher="allgather"),
            loss_method="alp_token"),
+    Layout("tp2_sp_logits_only", DENSE, ParallelConfig(tensor_parallel=2, sequence_parallel=True),
+           loss_method="alp_token", alp=LOGITS_ONLY),
+    Layout("pp2_logits_only", DENSE, ParallelConfig(pipeline_parallel=2), loss_method="alp_token", alp=LOGITS_ONLY),
 ]
 FOUR_RANKS = [
     Layout("tp2_pp2", DENSE, ParallelConfig(tensor_parallel=2, pipeline_parallel=2)),
@@ -39,13 +48,13 @@ FOUR_RANKS = [
 @pytest.fixture(scope="module")
 def reference_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
-    return {DENSE: str(root / "dense"), MOE: str(root / "moe")}
+    return {layout.reference: str(root / layout.name) for layout in REFERENCES}
 
 
 @pytest.fixture(scope="module")
 def baselines(reference_dirs):
     results = run_ranks(1, run_reference, REFERENCES, reference_dirs)[0]
-    return {layout.architecture: result for layout, result in zip(REFERENCES, results)}
+    return {layout.reference: result for layout, result in zip(REFERENCES, results)}
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +101,16 @@ def test_reference_run_learns_sigma(baselines):
         initial = torch.log(torch.tensor(0.1)).item()
         assert all(abs(v - initial) > 1e-3 for v in result["log_sigma"].values())
         assert all(abs(g) > 1e-5 for g in result["log_sigma_grad"].values())
+    # the logits-only ablation has one sigma, keyed one past the last decoder layer
+    logits_only = REFERENCES[-1]
+    assert list(baselines[logits_only.reference]["log_sigma"]) == [ALP_LAYERS]
 
 
 @pytest.mark.parametrize("layout", TWO_RANKS, ids=lambda layout: layout.name)
 def test_two_rank_layout_matches_single_rank(layout, two_rank_results, baselines):
-    assert_same_training(two_rank_results[layout.name], baselines[layout.architecture], layout.name)
+    assert_same_training(two_rank_results[layout.name], baselines[layout.reference], layout.name)
 
 
 @pytest.mark.parametrize("layout", FOUR_RANKS, ids=lambda layout: layout.name)
 def test_four_rank_layout_matches_single_rank(layout, four_rank_results, baselines):
-    assert_same_training(four_rank_results[layout.name], baselines[layout.architecture], layout.name)
+    assert_same_training(four_rank_results[layout.name], baselines[layout.reference], layout.name)
