@@ -45,16 +45,21 @@ class RunSection:
 @dataclass(frozen=True)
 class ModelSection:
     """``hf_path``: the HF checkpoint to start from; ``null`` builds the embedded tiny char-level Llama (and
-    warm-starts it for ``tiny_warm_start_steps`` supervised steps on the toy task). ``megatron``: how the
+    warm-starts it for ``tiny_warm_start_steps`` supervised steps on the toy task; ``tiny_num_layers`` decoder
+    layers). ``megatron``: how the
     trainer runs it (backend, dtype, recompute, MoE dispatcher, FP8)."""
 
     hf_path: Optional[str] = None
     tiny_warm_start_steps: int = 40
+    tiny_num_layers: int = 2
     megatron: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
         if self.tiny_warm_start_steps < 0:
             raise ConfigError("model.tiny_warm_start_steps", "must be >= 0", "use 0 to skip the warm start")
+        if self.tiny_num_layers < 1:
+            raise ConfigError("model.tiny_num_layers", f"must be >= 1, got {self.tiny_num_layers}",
+                              "use 2 (the demo's model) or more")
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,10 @@ class RolloutSection:
     startup_timeout_s: float = 300.0
     groups_in_flight: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Off-policy studies only: the engine samples at this temperature while the trainer scores the policy
+    # at sampling.temperature. The engine returns the logprobs of the distribution it sampled from (the
+    # loss denominator), so this is a controlled behaviour-policy mismatch. null: no mismatch.
+    engine_temperature: Optional[float] = None
 
     def __post_init__(self):
         if self.mode not in ROLLOUT_MODES:
@@ -128,6 +137,9 @@ class RolloutSection:
         if self.router_url and not self.server_urls:
             raise ConfigError("rollout.router_url", "is set without rollout.server_urls",
                               "list the router's workers in rollout.server_urls (weight updates go to each of them)")
+        if self.engine_temperature is not None and not self.engine_temperature > 0:
+            raise ConfigError("rollout.engine_temperature", f"must be > 0, got {self.engine_temperature}",
+                              "use e.g. 1.1 for a controlled mismatch, or null for none")
         if self.servers < 1 and not self.server_urls:
             raise ConfigError("rollout.servers", "must be >= 1", "launch at least one SGLang server")
 
@@ -170,6 +182,13 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self):
+        from alp_megatron.alp.loss import get_loss_method
+
+        if self.alp.enabled and get_loss_method(self.loss.method).unperturbed:
+            raise ConfigError("alp.enabled",
+                              f"loss.method={self.loss.method} is a baseline trained on the unperturbed policy, "
+                              "but the ALP perturbation is on",
+                              "set alp.enabled=false for the baselines, or use loss.method=alp_seq / alp_token")
         if self.actor.temperature != self.rollout.sampling.temperature:
             raise ConfigError("actor.temperature",
                               f"{self.actor.temperature} differs from rollout.sampling.temperature "

@@ -81,15 +81,19 @@ class LossMethod:
     eps_low: float
     eps_high: float
     needs_old_logprobs: bool
+    unperturbed: bool  # a baseline: its numerator is the unperturbed policy (the ALP perturbation must be off)
 
 
 _LOSSES: dict[str, LossMethod] = {}
 
 
-def register_loss(name: str, *, eps_low: float, eps_high: float, needs_old_logprobs: bool = False):
+def register_loss(name: str, *, eps_low: float, eps_high: float, needs_old_logprobs: bool = False,
+                  unperturbed: bool = False):
     """Decorator registering ``fn(inputs: LossInputs, cfg: LossConfig) -> RatioTerms`` as loss ``name``.
 
-    ``eps_low`` / ``eps_high`` are the method's default clip range. Refuses a name already taken.
+    ``eps_low`` / ``eps_high`` are the method's default clip range; ``unperturbed``: a baseline whose
+    numerator must come from the unperturbed model (a run refuses it with the ALP perturbation on).
+    Refuses a name already taken.
     """
 
     def add(fn: Callable[[LossInputs, "LossConfig"], RatioTerms]):
@@ -98,7 +102,7 @@ def register_loss(name: str, *, eps_low: float, eps_high: float, needs_old_logpr
                 f"loss method {name!r} is already registered (by {_LOSSES[name].ratio.__qualname__}); "
                 "register yours under another name"
             )
-        _LOSSES[name] = LossMethod(name, fn, eps_low, eps_high, needs_old_logprobs)
+        _LOSSES[name] = LossMethod(name, fn, eps_low, eps_high, needs_old_logprobs, unperturbed)
         return fn
 
     return add
@@ -215,7 +219,7 @@ def alp_seq(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     return RatioTerms(log_ratio, seq_log_ratio.detach())
 
 
-@register_loss("bypass", eps_low=0.5, eps_high=3.0)
+@register_loss("bypass", eps_low=0.5, eps_high=3.0, unperturbed=True)
 def bypass(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     """Bypass = ALP with the perturbation off: the same loss as alp_seq, fed unperturbed logprobs."""
     return alp_seq(x, cfg)
@@ -228,14 +232,14 @@ def alp_token(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     return RatioTerms(log_ratio, log_ratio.detach().sum(dim=-1))
 
 
-@register_loss("grpo", eps_low=0.2, eps_high=0.28, needs_old_logprobs=True)
+@register_loss("grpo", eps_low=0.2, eps_high=0.28, needs_old_logprobs=True, unperturbed=True)
 def grpo(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     """Decoupled PPO: token ratio pi_theta / pi_old; the rollout logprobs play no part in the loss."""
     log_ratio = _masked(x.logprobs - x.old_logprobs, x.mask)
     return RatioTerms(log_ratio, log_ratio.detach().sum(dim=-1))
 
 
-@register_loss("tis", eps_low=0.2, eps_high=0.28, needs_old_logprobs=True)
+@register_loss("tis", eps_low=0.2, eps_high=0.28, needs_old_logprobs=True, unperturbed=True)
 def tis(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     """grpo times the truncated token IS weight w_t = min(pi_old / mu, tis_cap), detached."""
     terms = grpo(x, cfg)
@@ -249,7 +253,7 @@ def tis(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     return RatioTerms(terms.log_ratio, terms.seq_log_ratio, weight, metrics)
 
 
-@register_loss("mis", eps_low=0.2, eps_high=0.28, needs_old_logprobs=True)
+@register_loss("mis", eps_low=0.2, eps_high=0.28, needs_old_logprobs=True, unperturbed=True)
 def mis(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     """grpo with sequences whose prod_t pi_old / mu lies outside [mis_low, mis_high] weighted 0.
 
@@ -266,7 +270,7 @@ def mis(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     return RatioTerms(terms.log_ratio, terms.seq_log_ratio, weight, metrics)
 
 
-@register_loss("gspo", eps_low=3e-4, eps_high=4e-4, needs_old_logprobs=True)
+@register_loss("gspo", eps_low=3e-4, eps_high=4e-4, needs_old_logprobs=True, unperturbed=True)
 def gspo(x: LossInputs, cfg: LossConfig) -> RatioTerms:
     """GSPO: the geometric-mean sequence ratio vs pi_old, in the same stop-gradient form as alp_seq."""
     seq_log_ratio = _masked(x.logprobs - x.old_logprobs, x.mask).sum(dim=-1) / x.num_tokens()

@@ -131,3 +131,21 @@ def mismatch_kl(
         abs_diff = log_ratio.abs().sum() / count
         k1, k3, abs_diff = torch.stack([k1, k3, abs_diff]).tolist()
     return {"mismatch_k1": k1, "mismatch_k3": k3, "mismatch_abs_diff": abs_diff}
+
+
+def train_inference_ratio(trained_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                          log_clamp: float = 20.0) -> dict[str, float]:
+    """Quantiles of the sequence ratio ``pi_train / mu`` (``train_infer_ratio_seq_*``), whatever the loss.
+
+    ``trained_logprobs``: the numerator the loss was trained with (perturbed for ALP), ``rollout_logprobs``:
+    the engine's; all ``[batch, seq]``. For ALP and bypass this is the loss's own sequence ratio; for grpo,
+    tis, mis and gspo (whose loss ratio is against the recomputed pi_old) it is the same training-inference
+    ratio, so methods can be compared on it. The log-ratio is clamped to ``[-log_clamp, log_clamp]``.
+    """
+    _check_same_shape(trained_logprobs, rollout_logprobs, "train_inference_ratio")
+    with torch.no_grad():
+        valid = mask.bool()
+        log_ratio = torch.where(valid, trained_logprobs.detach().double() - rollout_logprobs.detach().double(),
+                                torch.zeros((), dtype=torch.float64))
+        seq_ratio = log_ratio.sum(dim=-1).clamp(-log_clamp, log_clamp).exp()
+        return masked_quantiles(seq_ratio, valid.any(dim=-1), prefix="train_infer_ratio_seq_")

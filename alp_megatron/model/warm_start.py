@@ -23,15 +23,16 @@ TINY_DEMO_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=
 
 
 def build_warm_started_model(out_dir: str, task: str, steps: int, seed: int = 0, batch_size: int = 64,
-                             lr: float = 1e-3) -> float:
-    """Write the tiny model to ``out_dir`` after ``steps`` supervised steps on ``task``; return the last loss.
+                             lr: float = 1e-3, num_layers: int = TINY_DEMO_SHAPE["num_hidden_layers"]) -> float:
+    """Write the tiny model (``num_layers`` decoder layers) to ``out_dir`` after ``steps`` supervised steps on
+    ``task``; return the last loss.
 
     Each step trains next-token cross-entropy on ``batch_size`` correct examples drawn with replacement
     (prompt tokens masked), AdamW at ``lr`` without weight decay.
     """
     from transformers import AutoModelForCausalLM
 
-    save_tiny_model(out_dir, "LlamaForCausalLM", seed=seed, **TINY_DEMO_SHAPE)
+    save_tiny_model(out_dir, "LlamaForCausalLM", seed=seed, **{**TINY_DEMO_SHAPE, "num_hidden_layers": num_layers})
     if steps == 0:
         return float("nan")
     tokenizer = build_char_tokenizer()

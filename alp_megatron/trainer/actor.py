@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from alp_megatron.alp.loss import LossConfig, get_loss_method, policy_loss
 from alp_megatron.alp.perturbation import alp_disabled
+from alp_megatron.alp.stats import train_inference_ratio
 from alp_megatron.errors import ConfigError
 from alp_megatron.model.logprobs import token_entropy, token_logprobs
 from alp_megatron.trainer.batch import TrainingBatch
@@ -221,6 +222,7 @@ class Actor:
             _, metrics = policy_loss(logprobs, rollout, advantages, mask, self.loss,
                                      old_logprobs=gathered[4] if old is not None else None)
             metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+            metrics.update(train_inference_ratio(logprobs, rollout, mask, self.loss.log_ratio_clamp))
             if old is not None:
                 valid = mask.bool()
                 metrics["entropy"] = float(gathered[5][valid].mean()) if valid.any() else 0.0

@@ -88,7 +88,8 @@ def _base_model(config) -> str:
         task = config.data.toy_task or "rev4"
         logger.info("building the tiny model, %d warm-start steps on %s", config.model.tiny_warm_start_steps, task)
         staging = path + ".partial"
-        build_warm_started_model(staging, task, config.model.tiny_warm_start_steps, seed=config.run.seed)
+        build_warm_started_model(staging, task, config.model.tiny_warm_start_steps, seed=config.run.seed,
+                                 num_layers=config.model.tiny_num_layers)
         os.replace(staging, path)
     dist.barrier()
     return path
@@ -195,6 +196,8 @@ def build_run(config, resume: bool) -> RunState:
     )
     if rank0:
         state.verify_prompts = [list(batches.source[i].prompt_ids) for i in range(min(2, len(batches.source)))]
-    if weight_version > 0:  # the engines start from the base checkpoint: give them the resumed weights
+    # Engines launched here start from the base checkpoint; resumed weights must reach them, and engines
+    # started outside (rollout.server_urls) hold whatever they were started or last updated with.
+    if weight_version > 0 or config.rollout.server_urls:
         weight_sync.update(policy, f"v{weight_version}")
     return state

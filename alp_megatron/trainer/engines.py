@@ -7,6 +7,7 @@ Nothing here imports Megatron; the loop hands the samples to the trainer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -55,7 +56,10 @@ class RolloutEngines:
                 generate_urls = (self.router.url,)
             client = RolloutClient(ClientConfig(urls=generate_urls, control_urls=self.worker_urls,
                                                 api_key=rollout_config.api_key, vocab_size=vocab_size))
-            self.sampler = Sampler(client, SamplerConfig(sampling=rollout_config.sampling,
+            sampling = rollout_config.sampling
+            if rollout_config.engine_temperature is not None:  # a deliberate behaviour-policy mismatch
+                sampling = dataclasses.replace(sampling, temperature=rollout_config.engine_temperature)
+            self.sampler = Sampler(client, SamplerConfig(sampling=sampling,
                                                          groups_in_flight=rollout_config.groups_in_flight))
             self.controls = [EngineControl(url, api_key=rollout_config.api_key) for url in self.worker_urls]
             self._loop = asyncio.new_event_loop()

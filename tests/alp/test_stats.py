@@ -82,3 +82,16 @@ def test_masked_mean_and_fraction():
     assert masked_fraction(values > 2, torch.zeros(2, 2)) == 0.0
     with pytest.raises(ValueError, match="shape"):
         masked_mean(values, mask[:1])
+
+
+def test_train_inference_ratio_is_the_sequence_ratio_against_the_engine():
+    from alp_megatron.alp.stats import train_inference_ratio
+
+    trained = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, -0.5]])
+    rollout = torch.tensor([[0.0, -1.5, -2.0], [0.0, -0.5, -1.5]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]])  # the second sample's last token is padding
+    metrics = train_inference_ratio(trained, rollout, mask)
+    assert metrics["train_infer_ratio_seq_max"] == pytest.approx(math.exp(0.5))
+    assert metrics["train_infer_ratio_seq_min"] == pytest.approx(1.0)
+    clamped = train_inference_ratio(trained + 100 * mask, rollout, mask, log_clamp=20.0)
+    assert clamped["train_infer_ratio_seq_max"] == pytest.approx(math.exp(20.0))
