@@ -57,7 +57,9 @@ def alp_layer_class(base: type) -> type:
             super().__init__(*args, **kwargs)
             layer_index = self.layer_number - 1  # Megatron's layer_number is global and 1-based
             self.alp = None
-            if alp_config.perturbs(layer_index, self.config.num_layers):
+            # Every layer gets the module (inactive outside perturb_start/end), none when ALP is off or
+            # perturbs the logits: Megatron checkpoints a layer parameter stacked over all layers.
+            if alp_config.enabled and alp_config.target == "layers":
                 shard = SequenceShard(
                     tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                     tp_size=parallel_state.get_tensor_model_parallel_world_size(),
@@ -68,6 +70,7 @@ def alp_layer_class(base: type) -> type:
                 self.alp = LayerPerturbation(
                     alp_source, layer_index, shard, alp_config.sigma_0, alp_config.learnable,
                     sequence_parallel=self.config.sequence_parallel,
+                    active=alp_config.perturbs(layer_index, self.config.num_layers),
                 )
 
         def forward(self, *args, **kwargs):

@@ -225,11 +225,16 @@ class LayerPerturbation(torch.nn.Module):
     """
 
     def __init__(self, source: NoiseSource, layer_index: int, shard: SequenceShard, sigma_0: float,
-                 learnable: bool = True, sequence_parallel: bool = False):
+                 learnable: bool = True, sequence_parallel: bool = False, active: bool = True):
         super().__init__()
         self.source = source
         self.layer_index = layer_index
         self.shard = shard
+        # An inactive module (a layer outside alp.perturb_start/end) never perturbs; it exists so that every
+        # layer holds the same parameters, as Megatron's checkpoints need (a layer parameter, and its
+        # optimizer state, is saved as one tensor stacked over all layers). Its log_sigma gets exactly zero
+        # gradient, so it keeps its value (with sigma_weight_decay 0) and is never reported.
+        self.active = active
         self.log_sigma = torch.nn.Parameter(
             torch.tensor(math.log(sigma_0), dtype=torch.float32), requires_grad=learnable
         )
@@ -253,6 +258,8 @@ class LayerPerturbation(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.source.enabled):
             return hidden_states
+        if not self.active:  # in the graph with zero gradient: Megatron's DDP expects a gradient for it
+            return hidden_states + 0.0 * self.log_sigma.to(hidden_states.dtype)
         key = self.source.key_for(self.layer_index, self.training)
         eps = self._draw(key, hidden_states)
         # fp32 (or wider, for fp64 hidden states) product, then the hidden-state dtype
@@ -320,8 +327,9 @@ class _SumGradOverGroup(torch.autograd.Function):
 
 
 def perturbation_modules(model: torch.nn.Module) -> Iterator[LayerPerturbation]:
+    """The perturbations of ``model`` that perturb (inactive placeholders are skipped)."""
     for module in model.modules():
-        if isinstance(module, LayerPerturbation):
+        if isinstance(module, LayerPerturbation) and module.active:
             yield module
 
 

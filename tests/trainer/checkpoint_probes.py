@@ -45,3 +45,28 @@ def resume(parallel: ParallelConfig, reference_dir: str, directory: str) -> dict
     losses = [actor.train(rollout_batch(seed, vocab)).losses for seed in (2, 3)]
     return dict(path=path, state=state, losses=losses, lr=actor.optimizer.param_groups[0]["lr"],
                 log_sigma={i: float(p) for i, p in log_sigma_parameters(chunks).items()})
+
+
+def save_then_load_a_layer_range(parallel: ParallelConfig, reference_dir: str, directory: str) -> dict:
+    """ALP on layers [1, 3) of 4 only: train a step, save, load into a fresh model, compare log_sigma."""
+    import dataclasses
+
+    alp = dataclasses.replace(ALP, perturb_start=1, perturb_end=3)
+    layout = Layout("layer_range", parallel=parallel, alp=alp)
+
+    def make():
+        chunks = build(layout)
+        load_reference(chunks, reference_dir)
+        ddp_chunks = wrap_ddp(chunks, SETTINGS)
+        optimizer, scheduler = build_optimizer(ddp_chunks, SETTINGS, alp)
+        return chunks, Actor(ddp_chunks, optimizer, scheduler, LossConfig(),
+                             ActorConfig(num_mini_batches=2, micro_batch_size=2))
+
+    chunks, actor = make()
+    actor.train(rollout_batch(1, arch_for(layout).vocab_size))
+    trained = {i: float(p) for i, p in log_sigma_parameters(chunks).items()}
+    save_checkpoint(directory, 1, actor.chunks, actor.optimizer, actor.scheduler,
+                    {"weight_version": 1, "optimizer_steps": actor.optimizer_steps})
+    fresh_chunks, fresh = make()
+    load_checkpoint(find_latest_checkpoint(directory), fresh.chunks, fresh.optimizer, fresh.scheduler)
+    return dict(trained=trained, loaded={i: float(p) for i, p in log_sigma_parameters(fresh_chunks).items()})

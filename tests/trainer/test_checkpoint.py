@@ -9,7 +9,7 @@ from alp_megatron.trainer.checkpoint import CheckpointConfig, find_latest_checkp
 from alp_megatron.errors import ConfigError
 from tests.distributed import run_ranks
 from tests.model.layouts import Layout, save_reference
-from tests.trainer.checkpoint_probes import resume, train_then_save
+from tests.trainer.checkpoint_probes import resume, save_then_load_a_layer_range, train_then_save
 
 pytestmark = pytest.mark.megatron
 TP2 = ParallelConfig(tensor_parallel=2)
@@ -62,3 +62,15 @@ def test_crashed_save_never_hides_the_latest(saved, tmp_path):
 def test_checkpoint_config_errors():
     with pytest.raises(ConfigError, match="checkpoint.keep_last"):
         CheckpointConfig(keep_last=0)
+
+
+def test_alp_on_a_layer_range_saves_and_loads(saved, tmp_path):
+    """Layers outside alp.perturb_start/end hold a frozen placeholder sigma, so Megatron can stack the
+    parameter over all layers; only the perturbed layers' sigmas are trained, saved and loaded."""
+    reference, _, _ = saved
+    per_rank = run_ranks(2, save_then_load_a_layer_range, ParallelConfig(pipeline_parallel=2), reference,
+                         str(tmp_path / "ckpt"))
+    trained = {layer: v for rank in per_rank for layer, v in rank["trained"].items()}
+    loaded = {layer: v for rank in per_rank for layer, v in rank["loaded"].items()}
+    assert sorted(trained) == [1, 2]  # the perturbed layers, one on each pipeline stage
+    assert loaded == trained
