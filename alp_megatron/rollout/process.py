@@ -8,6 +8,7 @@ this launch created and nothing else on the machine.
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import logging
 import os
 import signal
@@ -23,6 +24,16 @@ import requests
 logger = logging.getLogger(__name__)
 
 _live: "weakref.WeakSet[ManagedProcess]" = weakref.WeakSet()
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,6 +149,84 @@ class ManagedProcess:
                 last = f"{path}: {type(error).__name__}"
             time.sleep(0.5)
         return f"did not become healthy within {timeout:.0f} s (last check: {last})"
+
+
+class ManagedService:
+    """A long-running HTTP service in its own process group (an SGLang server, the router).
+
+    Subclasses provide ``url``, ``log_path``, ``command()``, ``environment()``, ``startup_timeout_s`` and
+    the ``kind`` and ``health_path`` used in messages and health checks; this class starts, waits for
+    health, stops and serves as a context manager (start + wait on entry, stop on exit).
+    """
+
+    kind = "service"
+    health_path = "/health"
+    startup_timeout_s = 120.0
+    stop_timeout_s = 20.0
+
+    _process: Optional[ManagedProcess] = None
+
+    url: str
+    log_path: str
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._process.pid if self._process is not None else None
+
+    def start(self):
+        """Launch the process (returns at once; see :meth:`wait_healthy`)."""
+        if self.is_alive():
+            raise RuntimeError(f"{self.kind} {self.url} is already running (pid {self.pid})")
+        self._process = ManagedProcess(f"{self.kind} {self.url}", self.command(), self.environment(),
+                                       self.log_path)
+        self._process.start()
+        return self
+
+    def wait_healthy(self, timeout: Optional[float] = None):
+        """Block until ``GET health_path`` answers 200; raise :class:`ServerStartError` with the log tail
+        (after stopping the process) if it does not within ``timeout`` (default ``startup_timeout_s``)."""
+        from alp_megatron.rollout.errors import ServerStartError
+
+        if self._process is None:
+            raise RuntimeError(f"{self.kind} {self.url} was never started; call start() first")
+        timeout = self.startup_timeout_s if timeout is None else timeout
+        problem = self._process.wait_http_ok(self.url, self.health_path, timeout)
+        if problem is not None:
+            tail = self.log_tail(60)
+            self.stop()
+            raise ServerStartError(self.kind, self.url, problem, self.log_path, tail)
+        logger.info("%s %s healthy (pid %s)", self.kind, self.url, self.pid)
+        return self
+
+    def is_alive(self) -> bool:
+        """True while the main process runs (it may still be starting)."""
+        return self._process is not None and self._process.is_alive()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """SIGTERM the process group, then SIGKILL it after ``timeout`` s (default ``stop_timeout_s``)."""
+        if self._process is not None:
+            self._process.stop(self.stop_timeout_s if timeout is None else timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the log."""
+        return self._process.log_tail(lines) if self._process is not None else ""
+
+    def __enter__(self):
+        self.start()
+        try:
+            return self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _signal_group(group: int, sig: int) -> bool:

@@ -16,9 +16,7 @@ from typing import Optional, Sequence
 import requests
 
 from alp_megatron.errors import ConfigError
-from alp_megatron.rollout.errors import ServerStartError
-from alp_megatron.rollout.process import ManagedProcess, base_url, free_port
-from alp_megatron.rollout.server import is_loopback
+from alp_megatron.rollout.process import ManagedProcess, ManagedService, base_url, free_port, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +58,17 @@ class RouterConfig:
                               "use whole seconds, at least 1")
 
 
-class SGLangRouter:
-    """One ``sglang-router`` process in its own process group; ``start()``, ``wait_healthy()``, ``stop()``."""
+class SGLangRouter(ManagedService):
+    """One ``sglang-router`` process in its own process group; ``start()``, ``wait_healthy()`` (``GET
+    /readiness``: its workers are registered and healthy), ``stop()``."""
+
+    kind = "sglang-router"
+    health_path = "/readiness"
+    stop_timeout_s = 10.0
 
     def __init__(self, config: RouterConfig):
         self.config = config
+        self.startup_timeout_s = config.startup_timeout_s
         self._port = config.port or free_port(config.host if config.host != "localhost" else "127.0.0.1")
         self._log_dir = config.log_dir or tempfile.mkdtemp(prefix="alp-router-")
         self._process: Optional[ManagedProcess] = None
@@ -72,10 +76,6 @@ class SGLangRouter:
     @property
     def url(self) -> str:
         return base_url(self.config.host, self._port)
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self._process.pid if self._process is not None else None
 
     @property
     def log_path(self) -> str:
@@ -94,24 +94,6 @@ class SGLangRouter:
             cmd += ["--api-key", cfg.api_key]
         return cmd + list(cfg.extra_args)
 
-    def start(self) -> "SGLangRouter":
-        if self._process is not None and self._process.is_alive():
-            raise RuntimeError(f"router {self.url} is already running (pid {self.pid})")
-        self._process = ManagedProcess(f"sglang-router {self.url}", self.command(), dict(os.environ), self.log_path)
-        self._process.start()
-        return self
-
-    def wait_healthy(self, timeout: Optional[float] = None) -> "SGLangRouter":
-        """Block until the router is ready (``/readiness``: its workers are registered and healthy); raise
-        :class:`ServerStartError` with its log tail if not."""
-        timeout = self.config.startup_timeout_s if timeout is None else timeout
-        problem = self._process.wait_http_ok(self.url, "/readiness", timeout)
-        if problem is not None:
-            tail = self._process.log_tail(60)
-            self.stop()
-            raise ServerStartError("sglang-router", self.url, problem, self.log_path, tail)
-        return self
-
     def workers(self) -> list:
         """The router's view of its workers (``GET /workers``)."""
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else None
@@ -119,24 +101,3 @@ class SGLangRouter:
         answer.raise_for_status()
         body = answer.json()
         return body.get("workers", body) if isinstance(body, dict) else body
-
-    def is_alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._process is not None:
-            self._process.stop(timeout)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return self._process.log_tail(lines) if self._process is not None else ""
-
-    def __enter__(self) -> "SGLangRouter":
-        self.start()
-        try:
-            return self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

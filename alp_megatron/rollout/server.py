@@ -7,7 +7,6 @@ as a Bearer token on every call (our clients send it).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import sys
@@ -17,7 +16,7 @@ from typing import Optional, Sequence
 
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.errors import ServerStartError
-from alp_megatron.rollout.process import ManagedProcess, base_url, free_port
+from alp_megatron.rollout.process import ManagedProcess, ManagedService, base_url, free_port, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +36,6 @@ TORCH_DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                          "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
                          "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
-
-def is_loopback(host: str) -> bool:
-    """True when ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -121,14 +111,17 @@ def _require(condition: bool, field_name: str, problem: str, fix: str) -> None:
         raise ConfigError(field_name, problem, fix)
 
 
-class SGLangServer:
-    """One SGLang HTTP server process: ``start()``, ``wait_healthy()``, ``stop()``, ``restart()``.
-
-    As a context manager it starts, waits for health and stops on exit.
+class SGLangServer(ManagedService):
+    """One SGLang HTTP server process: ``start()``, ``wait_healthy()`` (``GET /health``), ``stop()``,
+    ``restart()``. As a context manager it starts, waits for health and stops on exit.
     """
+
+    kind = "SGLang server"
+    health_path = "/health"
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.startup_timeout_s = config.startup_timeout_s
         self._port = config.port or None
         self._log_dir = config.log_dir
         self._process: Optional[ManagedProcess] = None
@@ -142,10 +135,6 @@ class SGLangServer:
     @property
     def url(self) -> str:
         return base_url(self.config.host, self.port)
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self._process.pid if self._process is not None else None
 
     @property
     def log_path(self) -> str:
@@ -186,58 +175,12 @@ class SGLangServer:
             env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no hub lookups
         return env
 
-    def start(self) -> "SGLangServer":
-        """Launch the server process (returns at once; see :meth:`wait_healthy`)."""
-        if self.is_alive():
-            raise RuntimeError(f"SGLang server {self.url} is already running (pid {self.pid})")
-        self._process = ManagedProcess(f"SGLang server {self.url}", self.command(), self.environment(),
-                                       self.log_path)
-        self._process.start()
-        return self
-
-    def wait_healthy(self, timeout: Optional[float] = None) -> "SGLangServer":
-        """Block until ``GET /health`` answers 200; raise :class:`ServerStartError` with the log tail if not."""
-        if self._process is None:
-            raise RuntimeError(f"SGLang server {self.url} was never started; call start() first")
-        timeout = self.config.startup_timeout_s if timeout is None else timeout
-        problem = self._process.wait_http_ok(self.url, "/health", timeout)
-        if problem is not None:
-            tail = self.log_tail(60)
-            self.stop()
-            raise ServerStartError("SGLang server", self.url, problem, self.log_path, tail)
-        logger.info("SGLang server %s healthy (pid %s)", self.url, self.pid)
-        return self
-
-    def is_alive(self) -> bool:
-        """True while the server's main process runs (it may still be loading)."""
-        return self._process is not None and self._process.is_alive()
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the server's process group, then SIGKILL it after ``timeout`` s."""
-        if self._process is not None:
-            self._process.stop(timeout)
-
     def restart(self, timeout: Optional[float] = None) -> "SGLangServer":
         """Stop whatever is left of the server, start it again on the same port, and wait for health."""
         logger.warning("restarting SGLang server %s", self.url)
         self.stop()
         self.start()
         return self.wait_healthy(timeout)
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of the server's log."""
-        return self._process.log_tail(lines) if self._process is not None else ""
-
-    def __enter__(self) -> "SGLangServer":
-        self.start()
-        try:
-            return self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive() else "stopped"

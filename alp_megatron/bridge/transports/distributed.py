@@ -12,7 +12,6 @@ gloo on CPU. The group is built at the first :meth:`connect` and reused by later
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import logging
 import socket
@@ -38,7 +37,7 @@ from alp_megatron.bridge.transports import (
 )
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.errors import EngineError
-from alp_megatron.rollout.process import free_port
+from alp_megatron.rollout.process import free_port, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +76,12 @@ class DistributedTransportConfig:
                               "give the seconds a rendezvous or broadcast may take")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def reachable_address(engines: Sequence[EngineTarget]) -> str:
     """The local address the engines can connect back to (loopback when they all run on this host)."""
     hosts = [urlparse(engine.url).hostname or "" for engine in engines]
-    if all(_is_loopback(host) for host in hosts):
+    if all(is_loopback(host) for host in hosts):
         return "127.0.0.1"
-    remote = next(host for host in hosts if not _is_loopback(host))
+    remote = next(host for host in hosts if not is_loopback(host))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((remote, 9))  # no packet is sent; this only picks the outgoing interface
         return probe.getsockname()[0]
@@ -148,7 +138,7 @@ class DistributedTransport:
         from sglang.srt.utils import init_custom_process_group
 
         address = self.config.master_address or reachable_address(self._engines)
-        port = self.config.master_port or free_port("127.0.0.1" if _is_loopback(address) else "0.0.0.0")
+        port = self.config.master_port or free_port("127.0.0.1" if is_loopback(address) else "0.0.0.0")
         offsets, world_size = rank_offsets(self._engines)
         name = f"{self.config.group_name}_{next(_group_ids)}"
         logger.info("building weight broadcast group %s at %s:%d, world size %d, backend %s",
