@@ -36,8 +36,9 @@ class WeightMappingError(AlpError, ValueError):
         return type(self), (self.where, self.problem, self.fix)
 
 
-# Megatron parameters that are not model weights: never imported or exported. Names relative to a layer.
-NOT_MODEL_WEIGHTS = ("alp.log_sigma",)  # the ALP per-layer sigma (alp/perturbation.py)
+# Megatron parameters that are not model weights: never imported or exported. Names relative to a layer or
+# to the model: the ALP per-layer sigma, and the logits-only ablation's sigma on the model (alp/perturbation.py).
+NOT_MODEL_WEIGHTS = ("alp.log_sigma",)
 
 
 @dataclass(frozen=True)
@@ -463,6 +464,7 @@ def bind_parameters(chunks: Sequence[torch.nn.Module], arch: ModelArch, ranks: P
                              order=(1, layer, i, local_expert))
             bound.update(prefix + name for name in NOT_MODEL_WEIGHTS if prefix + name in params)
         if chunk.post_process:
+            bound.update(name for name in NOT_MODEL_WEIGHTS if name in params)
             for i, row in enumerate(table.final):
                 bind(row.megatron, row, order=(2, i))
             if not tied or not chunk.pre_process:  # tied on one stage: the output layer uses the embedding

@@ -99,15 +99,16 @@ class Case:
     bucket_bytes: int = 40_000
     dtype: Optional[torch.dtype] = None  # export cast
     save_as: Optional[str] = None  # key of a folder to write with save_hf_folder (in shards)
+    alp: PerturbationConfig = ALP  # the ALP parameters the model carries (never imported or exported)
 
 
-def build(folder: str, parallel: ParallelConfig, model: ModelConfig = ModelConfig()):
+def build(folder: str, parallel: ParallelConfig, model: ModelConfig = ModelConfig(), alp: PerturbationConfig = ALP):
     from alp_megatron.bridge.hf_folder import arch_from_hf_folder
 
     initialize_parallel(parallel, seed=1234)
     torch.manual_seed(1234)
     arch = arch_from_hf_folder(folder)
-    return arch, build_model(arch, parallel, model, ALP)
+    return arch, build_model(arch, parallel, model, alp)
 
 
 def megatron_logits(chunks: list, arch) -> Optional[torch.Tensor]:
@@ -170,7 +171,7 @@ def run_case(case: Case, folders: dict) -> dict:
 
     folder = folders[case.model]
 
-    arch, chunks = build(folder, case.parallel)
+    arch, chunks = build(folder, case.parallel, alp=case.alp)
     sigma_before = {n: p.detach().clone() for n, p in parameters(chunks).items() if "log_sigma" in n}
     load_hf_weights(chunks, folder, arch)
     sigma_after = {n: p for n, p in parameters(chunks).items() if "log_sigma" in n}

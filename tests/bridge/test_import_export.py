@@ -6,6 +6,7 @@ tensor back bit-identical (torch.equal), never a ``log_sigma``, in buckets that 
 Bad checkpoints fail with one error on every rank and leave every weight unchanged.
 """
 
+import dataclasses
 import os
 import shutil
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from alp_megatron.model.provider import ParallelConfig
 from tests.bridge.bridge_probes import (
+    ALP,
     SAVED_SHARD_BYTES, Case, hf_logits, hf_tensors, make_hf_folder, run_all, run_cases, save_sharded_copy,
 )
 from tests.distributed import run_ranks
@@ -40,6 +42,7 @@ TWO_RANKS = (
     + [Case("pp2", m, PP2) for m in DENSE + ["qwen3_moe"]]
     + [Case("pp2_vpp2", m, VPP) for m in ("llama", "qwen3_tied")]
     + [Case("ep2", m, EP2) for m in ("qwen3_moe", "qwen3_moe_sparse")]
+    + [Case("tp2_logits_only_alp", "llama", TP2, alp=dataclasses.replace(ALP, target="logits"))]
     + [Case("tp2_bf16_export", "qwen2", TP2, dtype=torch.bfloat16),
        # read from transformers' shards + index; written back with save_hf_folder in shards
        Case("ep2_sharded_folders", "qwen3_moe_sharded", EP2, save_as="saved_qwen3_moe")]
