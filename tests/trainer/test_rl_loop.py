@@ -18,10 +18,16 @@ pytestmark = pytest.mark.sglang
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "examples", "cpu_tiny.yaml")
-# The CPU example, made small: 8 prompts x 4 samples, 2 mini-batch steps per rollout.
+# The CPU example, made small: 8 prompts x 4 samples, 2 mini-batch steps per rollout. The engine computes one
+# request at a time (no batching, no prefix reuse): on CPU a matmul's rounding depends on how many rows are
+# batched together, and SGLang has no batch-invariant mode there, so the engine's logprobs (the loss's
+# denominator) repeat bit for bit only when every request runs alone.
+ONE_REQUEST_AT_A_TIME = ('["--max-total-tokens", "8192", "--max-running-requests", "1", "--prefill-max-requests", "1", '
+                         '"--disable-radix-cache"]')
 SMALL = ["model.tiny_warm_start_steps=30", "data.prompts_per_step=8", "rollout.sampling.n=4",
          "actor.num_mini_batches=2", "actor.epochs=1", "actor.micro_batch_size=8",
-         "rollout.startup_timeout_s=900", "metrics.tensorboard=false", "run.export_hf_at_end=true"]
+         "rollout.startup_timeout_s=900", "metrics.tensorboard=false", "run.export_hf_at_end=true",
+         f"rollout.server_extra_args={ONE_REQUEST_AT_A_TIME}"]
 
 
 def alp_train(output_dir, *overrides, steps=4, resume=False, wait=True):
@@ -72,7 +78,7 @@ def test_final_export_is_a_loadable_hf_folder_without_log_sigma(uninterrupted):
 
 def test_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    process = alp_train(out, "checkpoint.save_every=2", wait=False)
+    process = alp_train(out, "weight_sync.verify_every=1", "checkpoint.save_every=2", wait=False)
     latest = os.path.join(out, "checkpoints", "latest")
     deadline = time.monotonic() + 1200
     while not os.path.exists(latest) and process.poll() is None and time.monotonic() < deadline:
@@ -80,21 +86,18 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_pa
     assert os.path.exists(latest), f"no checkpoint was written; log: {open(str(out) + '.log').read()[-3000:]}"
     os.killpg(process.pid, signal.SIGKILL)  # the whole run, SGLang server included, dies at once
     process.wait()
-    alp_train(out, "checkpoint.save_every=2", resume=True)
+    alp_train(out, "weight_sync.verify_every=1", "checkpoint.save_every=2", resume=True)
     full = read_metrics(os.path.join(uninterrupted, "metrics.jsonl"))
     resumed = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
-    for want, got in zip(full[2:], resumed[2:]):
-        for key in ("reward_mean", "response_len_mean"):  # the same samples: seeded rollouts repeat exactly
-            assert got[key] == want[key], f"step {got['step']}: {key}"
-        # The numbers agree to float rounding: one clean run showed a 2e-7 relative difference in grad_norm.
-        for key in ("ratio_seq_max", "clip_frac", "sigma_mean", "grad_norm", "entropy", "loss"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), f"step {got['step']}: {key}"
+    timing = {key for record in full for key in record if key.startswith("time_")}
+    for want, got in zip(full[2:], resumed[2:]):  # steps 3 and 4: identical, bit for bit
+        assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
     final_full = load_file(os.path.join(uninterrupted, "hf_final", "model.safetensors"))
     final_resumed = load_file(os.path.join(out, "hf_final", "model.safetensors"))
     assert final_full.keys() == final_resumed.keys()
     for name in final_full:
-        torch.testing.assert_close(final_resumed[name], final_full[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(final_resumed[name], final_full[name]), name
 
 
 def test_one_step_off_keeps_staleness_at_most_one(tmp_path):
