@@ -1,0 +1,215 @@
+"""An off-policy study's results: per-configuration numbers across seeds, a Markdown table, the paper's claims
+checked against them, and PNG plots (the P2-P98 envelope of the sequence ratio per configuration, reward
+curves, sigma per layer).
+
+Every number is read from the runs' ``metrics.jsonl``. The sequence ratio compared across methods is
+``train_infer_ratio_seq_*`` (trained numerator over the engine's logprobs, the quantity ALP.md §1 is about),
+not each loss's own ratio (grpo, tis, mis and gspo take theirs against the recomputed pi_old).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from alp_megatron.study.plan import ABLATIONS, StudyConfig
+
+RATIO = "train_infer_ratio_seq_"
+FINAL_STEPS = 5  # the final reward of a run is its mean over the last FINAL_STEPS steps
+
+
+@dataclass(frozen=True)
+class ConfigurationResult:
+    """One configuration across its seeds (each number is the mean over seeds unless named otherwise)."""
+
+    configuration: str
+    seeds: int
+    reward_final_mean: float
+    reward_final_std: float  # across seeds
+    reward_first: float  # step 1
+    ratio_p999: float  # per run: the largest per-step p99.9 of the sequence ratio over training
+    ratio_max: float  # the largest sequence ratio seen in any step of any seed
+    ratio_p2_min: float  # per run: the smallest per-step p2
+    k3_mean: float  # per run: the mean mismatch_k3 over steps
+    k3_spike_steps: float  # per run: steps whose mismatch_k3 exceeds the threshold
+    grad_spikes: float  # per run: steps whose largest gradient norm exceeds factor x the run's median
+    sigma_end: Optional[float]  # mean sigma over layers at the last step (ALP configurations)
+
+
+def _values(records: Sequence[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def configuration_result(configuration: str, runs: Sequence[list[dict]], study: StudyConfig) -> ConfigurationResult:
+    finals, p999s, maxima, p2s, k3_means, k3_spikes, grad_spikes, sigmas, firsts = ([] for _ in range(9))
+    for records in runs:
+        rewards = _values(records, "reward_mean")
+        finals.append(_mean(rewards[-FINAL_STEPS:]))
+        firsts.append(rewards[0] if rewards else math.nan)
+        p999s.append(max(_values(records, RATIO + "p999"), default=math.nan))
+        maxima.append(max(_values(records, RATIO + "max"), default=math.nan))
+        p2s.append(min(_values(records, RATIO + "p2"), default=math.nan))
+        k3 = _values(records, "mismatch_k3")
+        k3_means.append(_mean(k3))
+        k3_spikes.append(sum(1 for v in k3 if v > study.thresholds.mismatch_k3))
+        norms = _values(records, "grad_norm_max")
+        median = statistics.median(norms) if norms else math.nan
+        grad_spikes.append(sum(1 for v in norms if v > study.thresholds.grad_spike_factor * median))
+        if records and records[-1].get("noise_ratio_mean") is not None:  # an ALP run: its sigmas moved
+            sigmas.append(float(records[-1]["sigma_mean"]))
+    return ConfigurationResult(
+        configuration=configuration, seeds=len(runs), reward_final_mean=_mean(finals),
+        reward_final_std=statistics.stdev(finals) if len(finals) > 1 else 0.0, reward_first=_mean(firsts),
+        ratio_p999=_mean(p999s), ratio_max=max(maxima, default=math.nan), ratio_p2_min=_mean(p2s),
+        k3_mean=_mean(k3_means), k3_spike_steps=_mean(k3_spikes), grad_spikes=_mean(grad_spikes),
+        sigma_end=_mean(sigmas) if sigmas else None,
+    )
+
+
+def results_by_configuration(runs: dict[str, list[list[dict]]], study: StudyConfig) -> list[ConfigurationResult]:
+    """``runs``: ``{configuration: [records of each seed]}`` -> one result per configuration, in order."""
+    return [configuration_result(name, seeds, study) for name, seeds in runs.items() if seeds]
+
+
+def markdown_table(results: Sequence[ConfigurationResult], study: StudyConfig) -> str:
+    thresholds = study.thresholds
+    lines = [
+        "| configuration | seeds | reward step 1 | final reward (mean ± std) | seq ratio p99.9 | seq ratio max | "
+        f"seq ratio p2 | mismatch k3 (mean) | steps k3 > {thresholds.mismatch_k3:g} | "
+        f"grad-norm spikes (> {thresholds.grad_spike_factor:g}x median) | sigma at end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        sigma = "-" if r.sigma_end is None else f"{r.sigma_end:.4f}"
+        lines.append(
+            f"| {r.configuration} | {r.seeds} | {r.reward_first:.3f} | {r.reward_final_mean:.3f} ± "
+            f"{r.reward_final_std:.3f} | {r.ratio_p999:.3f} | {r.ratio_max:.3f} | {r.ratio_p2_min:.3f} | "
+            f"{r.k3_mean:.2e} | {r.k3_spike_steps:.1f} | {r.grad_spikes:.1f} | {sigma} |")
+    return "\n".join(lines)
+
+
+def claims(results: Sequence[ConfigurationResult]) -> list[tuple[str, bool, str]]:
+    """The paper's claims (ALP.md §1) checked on these numbers: ``[(claim, holds, evidence)]``.
+
+    A claim about "at least as well" holds when ALP's mean is no lower than the other's mean minus the larger
+    of the two seed standard deviations; a claim about tails holds when ALP's number is the lower one.
+    """
+    by_name = {r.configuration: r for r in results}
+    alp = by_name.get("alp_seq")
+    if alp is None:
+        return []
+    found = []
+    baselines = [by_name[m] for m in ("bypass", "grpo", "tis", "mis") if m in by_name]
+    for other in baselines:
+        holds = alp.ratio_p999 <= other.ratio_p999
+        found.append((f"ALP's sequence-ratio tail (p99.9) stays below {other.configuration}'s", holds,
+                      f"{alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
+    for other in baselines:
+        holds = alp.k3_mean <= other.k3_mean
+        found.append((f"ALP's train-inference KL (mismatch k3) stays below {other.configuration}'s", holds,
+                      f"{alp.k3_mean:.2e} vs {other.k3_mean:.2e}"))
+    for other in baselines + [by_name[m] for m in ("gspo", "alp_token") if m in by_name]:
+        margin = max(alp.reward_final_std, other.reward_final_std)
+        holds = alp.reward_final_mean >= other.reward_final_mean - margin
+        found.append((f"ALP learns at least as well as {other.configuration}", holds,
+                      f"final reward {alp.reward_final_mean:.3f} ± {alp.reward_final_std:.3f} vs "
+                      f"{other.reward_final_mean:.3f} ± {other.reward_final_std:.3f}"))
+    for name in ABLATIONS:
+        if name in by_name:
+            other = by_name[name]
+            holds = alp.reward_final_mean > other.reward_final_mean
+            found.append((f"perturbing all layers beats {name.replace('_', ' ')}", holds,
+                          f"final reward {alp.reward_final_mean:.3f} vs {other.reward_final_mean:.3f}; seq ratio "
+                          f"p99.9 {alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
+    return found
+
+
+def claims_markdown(found: Sequence[tuple[str, bool, str]]) -> str:
+    lines = ["| claim | holds here | evidence |", "|---|---|---|"]
+    lines += [f"| {claim} | {'yes' if holds else 'no'} | {evidence} |" for claim, holds, evidence in found]
+    return "\n".join(lines)
+
+
+def _moving_average(values: list[float], window: int = 5) -> list[float]:
+    return [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def _per_step(runs: Sequence[list[dict]], key: str) -> list[float]:
+    """The mean over seeds of ``key`` at each step (steps every seed reached)."""
+    steps = min(len(records) for records in runs)
+    return [_mean([float(records[i].get(key, math.nan)) for records in runs]) for i in range(steps)]
+
+
+def plot_all(runs: dict[str, list[list[dict]]], out_dir: str) -> list[str]:
+    """Write ``ratio_envelope.png``, ``reward.png`` and ``sigma.png`` into ``out_dir``; returns their paths."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name, seeds in runs.items() if seeds]
+    paths = []
+
+    columns = min(4, len(names))
+    rows = math.ceil(len(names) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), sharey=True, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        low, high, tail = (_per_step(runs[name], RATIO + key) for key in ("p2", "p98", "p999"))
+        steps = list(range(1, len(low) + 1))
+        ax.fill_between(steps, low, high, alpha=0.4, label="P2-P98")
+        ax.plot(steps, tail, linewidth=0.8, label="p99.9")
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("pi_train / pi_infer (sequence)")
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle("sequence ratio envelope per configuration (mean over seeds)")
+    figure.tight_layout()
+    paths.append(os.path.join(out_dir, "ratio_envelope.png"))
+    figure.savefig(paths[-1], dpi=90)
+    plt.close(figure)
+
+    figure, ax = plt.subplots(figsize=(8, 5))
+    for name in names:
+        per_seed = [_moving_average(_values(records, "reward_mean")) for records in runs[name]]
+        steps = min(len(v) for v in per_seed)
+        mean = [_mean([v[i] for v in per_seed]) for i in range(steps)]
+        spread = [statistics.stdev([v[i] for v in per_seed]) if len(per_seed) > 1 else 0.0 for i in range(steps)]
+        x = list(range(1, steps + 1))
+        ax.plot(x, mean, label=name)
+        ax.fill_between(x, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.1)
+    ax.set(xlabel="step", ylabel="reward (5-step moving average, mean ± std over seeds)", title="reward")
+    ax.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    paths.append(os.path.join(out_dir, "reward.png"))
+    figure.savefig(paths[-1], dpi=90)
+    plt.close(figure)
+
+    perturbed = [n for n in names if runs[n][0] and runs[n][0][-1].get("noise_ratio_mean") is not None]
+    if perturbed:
+        figure, axes = plt.subplots(1, len(perturbed), figsize=(4 * len(perturbed), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], perturbed):
+            layers = sorted({k for r in runs[name][0] for k in r if k.startswith("sigma_layer")},
+                            key=lambda k: int(k[len("sigma_layer"):]))
+            for key in layers:
+                ax.plot(range(1, len(_per_step(runs[name], key)) + 1), _per_step(runs[name], key),
+                        label=key.replace("sigma_", ""))
+            ax.set(title=name, xlabel="step", ylabel="sigma")
+            ax.legend(fontsize="x-small")
+        figure.suptitle("ALP sigma per layer (mean over seeds; layer L = the logits)")
+        figure.tight_layout()
+        paths.append(os.path.join(out_dir, "sigma.png"))
+        figure.savefig(paths[-1], dpi=90)
+        plt.close(figure)
+    return paths

@@ -1,0 +1,134 @@
+"""Runs an off-policy study: one warm-started tiny model per seed, one SGLang server for every run, and each
+run as its own ``alp-train`` process against that server.
+
+The server serves in ``off_policy.engine_dtype`` (the controlled mismatch); each run pushes its starting
+weights into it before its first rollout (``rollout.server_urls``), so runs never see each other's weights.
+Runs go one after another (they share the machine and the server). A run whose ``metrics.jsonl`` already
+holds every step is kept, so an interrupted study continues where it stopped; a partial run is run again
+from its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+from alp_megatron.config import load_run_config
+from alp_megatron.errors import AlpError
+from alp_megatron.study.plan import RunSpec, StudyConfig, plan_runs
+from alp_megatron.trainer.metrics import read_metrics
+
+logger = logging.getLogger(__name__)
+
+# What a finished run keeps (the rest, checkpoints above all, is removed to keep a study small).
+KEPT_FILES = ("metrics.jsonl", "config.yaml", "train.log")
+COMPLETE_MARKER = "complete"  # written last, only after alp-train exited 0
+
+
+class StudyRunError(AlpError):
+    """A run of the study failed; names the run and its log."""
+
+
+def run_directory(output_dir: str, spec: RunSpec) -> str:
+    return os.path.join(output_dir, "runs", spec.configuration, f"seed{spec.seed}")
+
+
+def is_complete(run_dir: str, steps: int) -> bool:
+    """The run finished (alp-train exited 0) with ``steps`` steps of metrics."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return (os.path.isfile(os.path.join(run_dir, COMPLETE_MARKER)) and os.path.isfile(path)
+            and len(read_metrics(path)) >= steps)
+
+
+def build_base_models(study: StudyConfig, output_dir: str) -> dict[int, str]:
+    """``{seed: HF folder}``: the run config's tiny model, warm-started once per seed (shared by every
+    configuration of that seed, so all start from the same policy)."""
+    from alp_megatron.model.warm_start import build_warm_started_model
+
+    config = load_run_config(study.run_config, study.overrides)
+    if config.model.hf_path:
+        return {seed: config.model.hf_path for seed in study.seeds}
+    folders = {}
+    for seed in study.seeds:
+        folder = os.path.join(output_dir, "base_models", f"seed{seed}")
+        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+            logger.info("warm-starting the tiny model for seed %d (%d steps)", seed, config.model.tiny_warm_start_steps)
+            staging = folder + ".partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            build_warm_started_model(staging, config.data.toy_task or "rev4", config.model.tiny_warm_start_steps,
+                                     seed=seed, num_layers=config.model.tiny_num_layers)
+            os.replace(staging, folder)
+        folders[seed] = folder
+    return folders
+
+
+def start_engine(study: StudyConfig, model_path: str, log_dir: str):
+    """One SGLang server in ``off_policy.engine_dtype`` with the run config's extra server arguments."""
+    from alp_megatron.rollout.server import ServerConfig, start_servers
+
+    config = load_run_config(study.run_config, study.overrides)
+    server_config = ServerConfig(model_path=model_path, port=0, dtype=study.off_policy.engine_dtype,
+                                 extra_args=config.rollout.server_extra_args, log_dir=log_dir,
+                                 startup_timeout_s=config.rollout.startup_timeout_s)
+    logger.info("starting the study's SGLang server (%s) on %s", study.off_policy.engine_dtype, model_path)
+    return start_servers([server_config])[0]
+
+
+def run_one(study: StudyConfig, spec: RunSpec, run_dir: str, model_path: str, engine_url: str,
+            timeout_s: float = 3600.0) -> None:
+    """``alp-train`` for one run (world size 1, no torchrun), its output in ``run_dir/train.log``."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    command = [sys.executable, "-m", "alp_megatron.cli", "--config", study.run_config, "--output-dir", run_dir,
+               *spec.overrides, f"model.hf_path={model_path}", "rollout.mode=disaggregated",
+               f"rollout.server_urls=[{engine_url}]"]
+    log_path = os.path.join(run_dir, "train.log")
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+    if result.returncode != 0:
+        with open(log_path) as log:
+            tail = "".join(log.readlines()[-30:])
+        raise StudyRunError(f"run {spec.name} failed (exit {result.returncode}); log {log_path}:\n{tail}")
+    for entry in os.listdir(run_dir):
+        if entry not in KEPT_FILES:
+            path = os.path.join(run_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    with open(os.path.join(run_dir, COMPLETE_MARKER), "w") as marker:
+        marker.write(f"{spec.name}\n")
+
+
+def run_study(study: StudyConfig, output_dir: str,
+              progress: Callable[[str], None] = print) -> list[tuple[RunSpec, str]]:
+    """Run every run of ``study`` not yet complete in ``output_dir``; returns ``[(spec, run_dir)]`` of all."""
+    config = load_run_config(study.run_config, study.overrides)
+    runs = plan_runs(study, config.model.tiny_num_layers)
+    todo = [spec for spec in runs if not is_complete(run_directory(output_dir, spec), study.steps)]
+    progress(f"off-policy study: {len(runs)} runs ({len(runs) - len(todo)} already complete) in {output_dir}")
+    if todo:
+        models = build_base_models(study, output_dir)
+        server = start_engine(study, models[study.seeds[0]], os.path.join(output_dir, "logs"))
+        started = time.monotonic()
+        try:
+            for index, spec in enumerate(todo, 1):
+                run_started = time.monotonic()
+                run_dir = run_directory(output_dir, spec)
+                run_one(study, spec, run_dir, models[spec.seed], server.url)
+                records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+                elapsed = time.monotonic() - started
+                remaining = elapsed / index * (len(todo) - index)
+                progress(f"[{index}/{len(todo)}] {spec.name}: reward {_first_last(records, 'reward_mean')}, "
+                         f"{time.monotonic() - run_started:.0f} s (about {remaining / 60:.0f} min left)")
+        finally:
+            server.stop()
+    return [(spec, run_directory(output_dir, spec)) for spec in runs]
+
+
+def _first_last(records: list[dict], key: str) -> Optional[str]:
+    if not records:
+        return "-"
+    return f"{records[0].get(key, float('nan')):.3f} -> {records[-1].get(key, float('nan')):.3f}"

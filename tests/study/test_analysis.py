@@ -1,0 +1,53 @@
+"""The study's numbers, table and claims from metrics records (no runs needed)."""
+
+import math
+
+import pytest
+
+from alp_megatron.study.analysis import claims, configuration_result, markdown_table, plot_all, results_by_configuration
+from alp_megatron.study.plan import StudyConfig
+
+STUDY = StudyConfig()
+
+
+def records(rewards, p999=2.0, k3=1e-5, grad=1.0, alp=False, spike_at=None):
+    out = []
+    for step, reward in enumerate(rewards):
+        record = {"step": step, "reward_mean": reward, "train_infer_ratio_seq_p2": 0.5,
+                  "train_infer_ratio_seq_p98": 1.5, "train_infer_ratio_seq_p999": p999 + step,
+                  "train_infer_ratio_seq_max": 2 * p999 + step, "mismatch_k3": k3, "grad_norm_max": grad,
+                  "sigma_mean": 0.02, "sigma_layer0": 0.02, "sigma_layer1": 0.021}
+        if step == spike_at:
+            record.update(grad_norm_max=10 * grad, mismatch_k3=1.0)
+        if alp:
+            record["noise_ratio_mean"] = 0.01
+        out.append(record)
+    return out
+
+
+def test_configuration_numbers_across_seeds():
+    seeds = [records([0.1] * 5 + [0.5] * 5, spike_at=3), records([0.1] * 5 + [0.7] * 5, alp=True)]
+    result = configuration_result("alp_seq", seeds, STUDY)
+    assert result.reward_final_mean == pytest.approx(0.6)
+    assert result.reward_final_std == pytest.approx(math.sqrt(0.02))
+    assert result.ratio_p999 == pytest.approx(2.0 + 9) and result.ratio_max == pytest.approx(4.0 + 9)
+    assert result.k3_spike_steps == 0.5 and result.grad_spikes == 0.5
+    assert result.sigma_end == pytest.approx(0.02)
+
+
+def test_claims_compare_alp_with_each_baseline_and_ablation():
+    runs = {"bypass": [records([0.2] * 6, p999=5.0, k3=1e-3)], "alp_seq": [records([0.4] * 6, alp=True)],
+            "late_third": [records([0.5] * 6, alp=True)]}
+    found = {claim: holds for claim, holds, _ in claims(results_by_configuration(runs, STUDY))}
+    assert found["ALP's sequence-ratio tail (p99.9) stays below bypass's"]
+    assert found["ALP's train-inference KL (mismatch k3) stays below bypass's"]
+    assert found["ALP learns at least as well as bypass"]
+    assert not found["perturbing all layers beats late third"]
+
+
+def test_table_and_plots(tmp_path):
+    runs = {"grpo": [records([0.2] * 6)] * 2, "alp_seq": [records([0.3] * 6, alp=True)] * 2}
+    table = markdown_table(results_by_configuration(runs, STUDY), STUDY)
+    assert table.count("\n") == 3 and "| alp_seq | 2 |" in table
+    paths = plot_all(runs, str(tmp_path))
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["ratio_envelope.png", "reward.png", "sigma.png"]
