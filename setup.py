@@ -47,6 +47,7 @@ setup(
         "alp_megatron.rollout",
         "alp_megatron.rewards",
         "alp_megatron.data",
+        "alp_megatron.study",
         "alp_megatron._patches",
     ],
     package_dir={"alp_megatron._patches": "patches"},

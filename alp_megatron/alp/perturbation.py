@@ -259,7 +259,7 @@ class LayerPerturbation(torch.nn.Module):
         if not (self.training and self.source.enabled):
             return hidden_states
         if not self.active:  # in the graph with zero gradient: Megatron's DDP expects a gradient for it
-            return hidden_states + 0.0 * self.log_sigma.to(hidden_states.dtype)
+            return _ZeroGradientTie.apply(hidden_states, self.log_sigma)
         key = self.source.key_for(self.layer_index, self.training)
         eps = self._draw(key, hidden_states)
         # fp32 (or wider, for fp64 hidden states) product, then the hidden-state dtype
@@ -309,6 +309,19 @@ class LogitsPerturbation(LayerPerturbation):
         if self._gathered(logits) or self.tp_group is None or torch.distributed.get_world_size(self.tp_group) == 1:
             return self.log_sigma
         return _SumGradOverGroup.apply(self.log_sigma, self.tp_group)
+
+
+class _ZeroGradientTie(torch.autograd.Function):
+    """``hidden`` unchanged; in backward ``parameter`` gets an exact zero gradient (it joins the graph)."""
+
+    @staticmethod
+    def forward(ctx, hidden, parameter):
+        ctx.parameter_shape = parameter.shape
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.parameter_shape, dtype=torch.float32)
 
 
 class _SumGradOverGroup(torch.autograd.Function):

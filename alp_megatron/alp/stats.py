@@ -138,9 +138,10 @@ def train_inference_ratio(trained_logprobs: torch.Tensor, rollout_logprobs: torc
     """Quantiles of the sequence ratio ``pi_train / mu`` (``train_infer_ratio_seq_*``), whatever the loss.
 
     ``trained_logprobs``: the numerator the loss was trained with (perturbed for ALP), ``rollout_logprobs``:
-    the engine's; all ``[batch, seq]``. For ALP and bypass this is the loss's own sequence ratio; for grpo,
-    tis, mis and gspo (whose loss ratio is against the recomputed pi_old) it is the same training-inference
-    ratio, so methods can be compared on it. The log-ratio is clamped to ``[-log_clamp, log_clamp]``.
+    the engine's; all ``[batch, seq]``. For ALP and bypass this is the loss's own sequence ratio (unless
+    ``loss.seq_ratio_geometric_mean``, which takes its per-token geometric mean); for grpo, tis, mis and gspo
+    (whose loss ratio is against the recomputed pi_old) it is the same training-inference ratio, so methods
+    can be compared on it. The log-ratio is clamped to ``[-log_clamp, log_clamp]``.
     """
     _check_same_shape(trained_logprobs, rollout_logprobs, "train_inference_ratio")
     with torch.no_grad():

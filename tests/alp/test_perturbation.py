@@ -195,6 +195,12 @@ def test_vocab_parallel_logits_noise_is_an_exact_column_slice():
     halves = [source.draw(key, 4, SequenceShard(), torch.Size([12, 2, 4]), "cpu", ColumnShard(start, 8))
               for start in (0, 4)]
     assert torch.equal(torch.cat(halves, dim=-1), full)
+    # a vocabulary of 7 padded to 8 for two ranks: the padding column gets no noise
+    real = source.draw(key, 4, SequenceShard(), torch.Size([12, 2, 7]), "cpu", ColumnShard(0, 7))
+    padded = [source.draw(key, 4, SequenceShard(), torch.Size([12, 2, 4]), "cpu", ColumnShard(start, 7))
+              for start in (0, 4)]
+    assert torch.equal(torch.cat(padded, dim=-1)[..., :7], real)
+    assert torch.equal(padded[1][..., 3], torch.zeros(12, 2))
 
 
 def test_logits_target_leaves_the_layers_alone():
