@@ -43,33 +43,33 @@ def main(argv=None) -> int:
 
     try:
         study = load_study_config(args.config, tuple(args.overrides))
+        if args.quick:
+            study = study.quick_version()
     except AlpError as error:
         print(f"off_policy_study: {error}", file=sys.stderr)
         return 2
-    if args.quick:
-        study = study.quick_version()
     out = os.path.abspath(args.output_dir or (DEFAULT_OUTPUT + ("_quick" if args.quick else "")))
     os.makedirs(out, exist_ok=True)
     os.chdir(REPO)  # the study's run_config path is relative to the repository
     try:
         if args.analyze_only:
-            from alp_megatron.config import load_run_config
             from alp_megatron.study.plan import plan_runs
-            from alp_megatron.study.runner import run_directory
+            from alp_megatron.study.runner import num_layers, run_directory
 
-            layers = load_run_config(study.run_config, study.overrides).model.tiny_num_layers
-            runs = [(spec, run_directory(out, spec)) for spec in plan_runs(study, layers)]
+            runs = [(spec, run_directory(out, spec)) for spec in plan_runs(study, num_layers(study))]
         else:
             runs = run_study(study, out)
     except AlpError as error:
         print(f"off_policy_study: {error}", file=sys.stderr)
         return 1
 
+    from alp_megatron.study.runner import is_complete
+
     by_configuration: dict[str, list[list[dict]]] = {}
-    for spec, run_dir in runs:
-        path = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.isfile(path):
-            by_configuration.setdefault(spec.configuration, []).append(read_metrics(path))
+    for spec, run_dir in runs:  # complete runs of this very study only (same overrides, every step)
+        if is_complete(run_dir, study.steps, spec):
+            records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))[: study.steps]
+            by_configuration.setdefault(spec.configuration, []).append(records)
     results = analysis.results_by_configuration(by_configuration, study)
     table = analysis.markdown_table(results, study)
     found = analysis.claims(results)

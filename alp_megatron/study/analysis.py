@@ -42,8 +42,20 @@ def _values(records: Sequence[dict], key: str) -> list[float]:
     return [float(r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
+def _finite(values: Sequence[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
 def _mean(values: Sequence[float]) -> float:
+    """Mean of the finite values (a seed that lacks a number does not turn the whole mean into NaN)."""
+    values = _finite(values)
     return statistics.fmean(values) if values else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation across seeds; NaN with fewer than two (one seed has no spread)."""
+    values = _finite(values)
+    return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def configuration_result(configuration: str, runs: Sequence[list[dict]], study: StudyConfig) -> ConfigurationResult:
@@ -65,8 +77,8 @@ def configuration_result(configuration: str, runs: Sequence[list[dict]], study: 
             sigmas.append(float(records[-1]["sigma_mean"]))
     return ConfigurationResult(
         configuration=configuration, seeds=len(runs), reward_final_mean=_mean(finals),
-        reward_final_std=statistics.stdev(finals) if len(finals) > 1 else 0.0, reward_first=_mean(firsts),
-        ratio_p999=_mean(p999s), ratio_max=max(maxima, default=math.nan), ratio_p2_min=_mean(p2s),
+        reward_final_std=_std(finals), reward_first=_mean(firsts),
+        ratio_p999=_mean(p999s), ratio_max=max(_finite(maxima), default=math.nan), ratio_p2_min=_mean(p2s),
         k3_mean=_mean(k3_means), k3_spike_steps=_mean(k3_spikes), grad_spikes=_mean(grad_spikes),
         sigma_end=_mean(sigmas) if sigmas else None,
     )
@@ -94,11 +106,14 @@ def markdown_table(results: Sequence[ConfigurationResult], study: StudyConfig) -
     return "\n".join(lines)
 
 
-def claims(results: Sequence[ConfigurationResult]) -> list[tuple[str, bool, str]]:
+def claims(results: Sequence[ConfigurationResult]) -> list[tuple[str, Optional[bool], str]]:
     """The paper's claims (ALP.md §1) checked on these numbers: ``[(claim, holds, evidence)]``.
 
-    A claim about "at least as well" holds when ALP's mean is no lower than the other's mean minus the larger
-    of the two seed standard deviations; a claim about tails holds when ALP's number is the lower one.
+    ``holds`` is None ("n/a") when a number is missing, or, for claims about reward, when fewer than two
+    seeds give no spread to judge by. "At least as well" holds when ALP's mean reward is no lower than the
+    other's minus the larger of the two seed standard deviations; "beats" holds when it is higher by more than
+    that, fails when lower by more, and is None (within the seed spread) otherwise. A claim about tails or KL
+    holds when ALP's number is the lower one.
     """
     by_name = {r.configuration: r for r in results}
     alp = by_name.get("alp_seq")
@@ -107,32 +122,45 @@ def claims(results: Sequence[ConfigurationResult]) -> list[tuple[str, bool, str]
     found = []
     baselines = [by_name[m] for m in ("bypass", "grpo", "tis", "mis") if m in by_name]
     for other in baselines:
-        holds = alp.ratio_p999 <= other.ratio_p999
-        found.append((f"ALP's sequence-ratio tail (p99.9) stays below {other.configuration}'s", holds,
-                      f"{alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
+        found.append((f"ALP's sequence-ratio tail (p99.9) stays below {other.configuration}'s",
+                      _lower(alp.ratio_p999, other.ratio_p999), f"{alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
     for other in baselines:
-        holds = alp.k3_mean <= other.k3_mean
-        found.append((f"ALP's train-inference KL (mismatch k3) stays below {other.configuration}'s", holds,
-                      f"{alp.k3_mean:.2e} vs {other.k3_mean:.2e}"))
+        found.append((f"ALP's train-inference KL (mismatch k3) stays below {other.configuration}'s",
+                      _lower(alp.k3_mean, other.k3_mean), f"{alp.k3_mean:.2e} vs {other.k3_mean:.2e}"))
     for other in baselines + [by_name[m] for m in ("gspo", "alp_token") if m in by_name]:
-        margin = max(alp.reward_final_std, other.reward_final_std)
-        holds = alp.reward_final_mean >= other.reward_final_mean - margin
-        found.append((f"ALP learns at least as well as {other.configuration}", holds,
-                      f"final reward {alp.reward_final_mean:.3f} ± {alp.reward_final_std:.3f} vs "
-                      f"{other.reward_final_mean:.3f} ± {other.reward_final_std:.3f}"))
+        margin = _margin(alp, other)
+        holds = None if math.isnan(margin) else alp.reward_final_mean >= other.reward_final_mean - margin
+        found.append((f"ALP learns at least as well as {other.configuration}", holds, _rewards(alp, other)))
     for name in ABLATIONS:
         if name in by_name:
-            other = by_name[name]
-            holds = alp.reward_final_mean > other.reward_final_mean
+            other, margin = by_name[name], _margin(alp, by_name[name])
+            difference = alp.reward_final_mean - other.reward_final_mean
+            holds = None if math.isnan(margin) or abs(difference) <= margin else difference > 0
             found.append((f"perturbing all layers beats {name.replace('_', ' ')}", holds,
-                          f"final reward {alp.reward_final_mean:.3f} vs {other.reward_final_mean:.3f}; seq ratio "
-                          f"p99.9 {alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
+                          f"{_rewards(alp, other)}; seq ratio p99.9 {alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
     return found
 
 
-def claims_markdown(found: Sequence[tuple[str, bool, str]]) -> str:
+def _lower(ours: float, theirs: float) -> Optional[bool]:
+    return None if math.isnan(ours) or math.isnan(theirs) else ours <= theirs
+
+
+def _margin(a: ConfigurationResult, b: ConfigurationResult) -> float:
+    """The larger seed standard deviation of the two final rewards (NaN with fewer than two seeds)."""
+    if math.isnan(a.reward_final_mean) or math.isnan(b.reward_final_mean):
+        return math.nan
+    return max(a.reward_final_std, b.reward_final_std)
+
+
+def _rewards(a: ConfigurationResult, b: ConfigurationResult) -> str:
+    return (f"final reward {a.reward_final_mean:.3f} ± {a.reward_final_std:.3f} vs "
+            f"{b.reward_final_mean:.3f} ± {b.reward_final_std:.3f}")
+
+
+def claims_markdown(found: Sequence[tuple[str, Optional[bool], str]]) -> str:
+    verdict = {True: "yes", False: "no", None: "not shown (within the seed spread, or too few seeds)"}
     lines = ["| claim | holds here | evidence |", "|---|---|---|"]
-    lines += [f"| {claim} | {'yes' if holds else 'no'} | {evidence} |" for claim, holds, evidence in found]
+    lines += [f"| {claim} | {verdict[holds]} | {evidence} |" for claim, holds, evidence in found]
     return "\n".join(lines)
 
 

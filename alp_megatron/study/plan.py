@@ -69,6 +69,12 @@ class QuickSettings:
     seeds: tuple[int, ...] = (0,)
     steps: int = 6
 
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError("quick.steps", f"must be >= 1, got {self.steps}", "use a few steps, e.g. 5")
+        if not self.seeds:
+            raise ConfigError("quick.seeds", "is empty", "list one seed, e.g. [0]")
+
 
 @dataclass(frozen=True)
 class StudyConfig:

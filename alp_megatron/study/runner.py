@@ -10,6 +10,7 @@ from its start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -38,11 +39,32 @@ def run_directory(output_dir: str, spec: RunSpec) -> str:
     return os.path.join(output_dir, "runs", spec.configuration, f"seed{spec.seed}")
 
 
-def is_complete(run_dir: str, steps: int) -> bool:
-    """The run finished (alp-train exited 0) with ``steps`` steps of metrics."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    return (os.path.isfile(os.path.join(run_dir, COMPLETE_MARKER)) and os.path.isfile(path)
-            and len(read_metrics(path)) >= steps)
+def run_fingerprint(spec: RunSpec) -> str:
+    """What makes a run's results: its configuration, seed and every alp-train override (study size, knobs,
+    base-model settings). A kept run counts only for a study that would run it the same way."""
+    return json.dumps({"run": spec.name, "overrides": list(spec.overrides)}, indent=1)
+
+
+def is_complete(run_dir: str, steps: int, spec: Optional[RunSpec] = None) -> bool:
+    """The run finished (alp-train exited 0) with ``steps`` steps of metrics (and, given ``spec``, with the
+    same overrides as ``spec``)."""
+    path, marker = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, COMPLETE_MARKER)
+    if not (os.path.isfile(marker) and os.path.isfile(path) and len(read_metrics(path)) >= steps):
+        return False
+    if spec is None:
+        return True
+    with open(marker) as handle:
+        return handle.read() == run_fingerprint(spec)
+
+
+def num_layers(study: StudyConfig) -> int:
+    """Decoder layers of the model the study trains (the tiny model's, or the HF checkpoint's)."""
+    config = load_run_config(study.run_config, study.overrides)
+    if config.model.hf_path:
+        from alp_megatron.bridge.hf_folder import arch_from_hf_folder
+
+        return arch_from_hf_folder(config.model.hf_path).num_layers
+    return config.model.tiny_num_layers
 
 
 def build_base_models(study: StudyConfig, output_dir: str) -> dict[int, str]:
@@ -54,8 +76,9 @@ def build_base_models(study: StudyConfig, output_dir: str) -> dict[int, str]:
     if config.model.hf_path:
         return {seed: config.model.hf_path for seed in study.seeds}
     folders = {}
+    shape = f"L{config.model.tiny_num_layers}-warm{config.model.tiny_warm_start_steps}-{config.data.toy_task}"
     for seed in study.seeds:
-        folder = os.path.join(output_dir, "base_models", f"seed{seed}")
+        folder = os.path.join(output_dir, "base_models", f"{shape}-seed{seed}")
         if not os.path.isfile(os.path.join(folder, "model.safetensors")):
             logger.info("warm-starting the tiny model for seed %d (%d steps)", seed, config.model.tiny_warm_start_steps)
             staging = folder + ".partial"
@@ -99,15 +122,14 @@ def run_one(study: StudyConfig, spec: RunSpec, run_dir: str, model_path: str, en
             path = os.path.join(run_dir, entry)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     with open(os.path.join(run_dir, COMPLETE_MARKER), "w") as marker:
-        marker.write(f"{spec.name}\n")
+        marker.write(run_fingerprint(spec))
 
 
 def run_study(study: StudyConfig, output_dir: str,
               progress: Callable[[str], None] = print) -> list[tuple[RunSpec, str]]:
     """Run every run of ``study`` not yet complete in ``output_dir``; returns ``[(spec, run_dir)]`` of all."""
-    config = load_run_config(study.run_config, study.overrides)
-    runs = plan_runs(study, config.model.tiny_num_layers)
-    todo = [spec for spec in runs if not is_complete(run_directory(output_dir, spec), study.steps)]
+    runs = plan_runs(study, num_layers(study))
+    todo = [spec for spec in runs if not is_complete(run_directory(output_dir, spec), study.steps, spec)]
     progress(f"off-policy study: {len(runs)} runs ({len(runs) - len(todo)} already complete) in {output_dir}")
     if todo:
         models = build_base_models(study, output_dir)

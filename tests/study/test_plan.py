@@ -47,7 +47,7 @@ def test_quick_runs_one_seed_of_three_methods():
     ("methods=[ppo]", "methods"), ("ablations=[first_half]", "ablations"), ("seeds=[]", "seeds"),
     ("off_policy.engine_dtype=int8", "off_policy.engine_dtype"), ("steps=0", "steps"),
     ("off_policy.num_mini_batches=0", "off_policy.num_mini_batches"), ("methods=[grpo]", "ablations"),
-    ("stepz=3", "stepz"),
+    ("stepz=3", "stepz"), ("quick.steps=0", "quick.steps"), ("quick.seeds=[]", "quick.seeds"),
 ])
 def test_bad_study_config_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field):
