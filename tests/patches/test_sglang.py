@@ -19,6 +19,10 @@ from alp_megatron._patches import sglang as sglang_patch
 STAGED_IMPORT = """
 import importlib, json, os, sys
 stand_ins, scratch = sys.argv[1], sys.argv[2]
+shared = os.path.join(scratch, "shared")  # the stand-ins' common helper; it satisfies no import by itself
+os.makedirs(shared)
+os.symlink(os.path.join(stand_ins, "alp_stand_in.py"), os.path.join(shared, "alp_stand_in.py"))
+sys.path.insert(0, shared)
 for added in (None, "torchvision", "sgl_kernel"):
     if added:
         folder = os.path.join(scratch, added)

@@ -22,8 +22,8 @@ CONFIG = os.path.join(REPO, "examples", "cpu_tiny.yaml")
 # request at a time (no batching, no prefix reuse): on CPU a matmul's rounding depends on how many rows are
 # batched together, and SGLang has no batch-invariant mode there, so the engine's logprobs (the loss's
 # denominator) repeat bit for bit only when every request runs alone.
-ONE_REQUEST_AT_A_TIME = ('["--max-total-tokens", "8192", "--max-running-requests", "1", "--prefill-max-requests", "1", '
-                         '"--disable-radix-cache"]')
+ONE_REQUEST_AT_A_TIME = ('["--max-total-tokens","8192","--max-running-requests","1","--prefill-max-requests","1",'
+                         '"--disable-radix-cache"]')  # no spaces: the Slurm test passes overrides word-split
 SMALL = ["model.tiny_warm_start_steps=30", "data.prompts_per_step=8", "rollout.sampling.n=4",
          "actor.num_mini_batches=2", "actor.epochs=1", "actor.micro_batch_size=8",
          "rollout.startup_timeout_s=900", "metrics.tensorboard=false", "run.export_hf_at_end=true",
