@@ -9,6 +9,8 @@ Plain ``transformers`` + PyTorch, on one process, before any Megatron rank start
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import torch
 
@@ -20,6 +22,19 @@ logger = logging.getLogger(__name__)
 # 2 layers, hidden 64, tied embeddings: about 130k parameters; learns the toy tasks in seconds on 2 cores.
 TINY_DEMO_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True)
+
+
+def ensure_warm_started_model(folder: str, task: str, steps: int, seed: int, num_layers: int) -> str:
+    """``folder`` with the warm-started tiny model, built only when it is not there yet, through a staging
+    folder renamed at the end (a crash never leaves a half-written model behind)."""
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        logger.info("building the tiny model (%d layers), %d warm-start steps on %s, seed %d",
+                    num_layers, steps, task, seed)
+        staging = folder + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        build_warm_started_model(staging, task, steps, seed=seed, num_layers=num_layers)
+        os.replace(staging, folder)
+    return folder
 
 
 def build_warm_started_model(out_dir: str, task: str, steps: int, seed: int = 0, batch_size: int = 64,

@@ -70,24 +70,17 @@ def num_layers(study: StudyConfig) -> int:
 def build_base_models(study: StudyConfig, output_dir: str) -> dict[int, str]:
     """``{seed: HF folder}``: the run config's tiny model, warm-started once per seed (shared by every
     configuration of that seed, so all start from the same policy)."""
-    from alp_megatron.model.warm_start import build_warm_started_model
+    from alp_megatron.model.warm_start import ensure_warm_started_model
 
     config = load_run_config(study.run_config, study.overrides)
     if config.model.hf_path:
         return {seed: config.model.hf_path for seed in study.seeds}
-    folders = {}
-    shape = f"L{config.model.tiny_num_layers}-warm{config.model.tiny_warm_start_steps}-{config.data.toy_task}"
-    for seed in study.seeds:
-        folder = os.path.join(output_dir, "base_models", f"{shape}-seed{seed}")
-        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-            logger.info("warm-starting the tiny model for seed %d (%d steps)", seed, config.model.tiny_warm_start_steps)
-            staging = folder + ".partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            build_warm_started_model(staging, config.data.toy_task or "rev4", config.model.tiny_warm_start_steps,
-                                     seed=seed, num_layers=config.model.tiny_num_layers)
-            os.replace(staging, folder)
-        folders[seed] = folder
-    return folders
+    model = config.model
+    shape = f"L{model.tiny_num_layers}-warm{model.tiny_warm_start_steps}-{config.data.toy_task}"
+    return {seed: ensure_warm_started_model(os.path.join(output_dir, "base_models", f"{shape}-seed{seed}"),
+                                            config.data.toy_task or "rev4", model.tiny_warm_start_steps, seed,
+                                            model.tiny_num_layers)
+            for seed in study.seeds}
 
 
 def start_engine(study: StudyConfig, model_path: str, log_dir: str):

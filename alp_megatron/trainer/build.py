@@ -82,15 +82,11 @@ def _base_model(config) -> str:
     if config.model.hf_path:
         return config.model.hf_path
     path = os.path.join(config.run.output_dir, "base_model")
-    if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "model.safetensors")):
-        from alp_megatron.model.warm_start import build_warm_started_model
+    if dist.get_rank() == 0:
+        from alp_megatron.model.warm_start import ensure_warm_started_model
 
-        task = config.data.toy_task or "rev4"
-        logger.info("building the tiny model, %d warm-start steps on %s", config.model.tiny_warm_start_steps, task)
-        staging = path + ".partial"
-        build_warm_started_model(staging, task, config.model.tiny_warm_start_steps, seed=config.run.seed,
-                                 num_layers=config.model.tiny_num_layers)
-        os.replace(staging, path)
+        ensure_warm_started_model(path, config.data.toy_task or "rev4", config.model.tiny_warm_start_steps,
+                                  seed=config.run.seed, num_layers=config.model.tiny_num_layers)
     dist.barrier()
     return path
 
