@@ -153,6 +153,7 @@ class WeightSync:
                         for e in config.engines]
         self.transport = make_transport(config.transport, **config.transport_options)
         self._fp8: Optional[bool] = None
+        self._served_shapes: tuple = (None, {})  # (files' identity, shapes) of the served checkpoint
         self._touched = False  # whether the current attempt got past the read-only checks
 
     def close(self) -> None:
@@ -211,8 +212,8 @@ class WeightSync:
         start = time.perf_counter()
         # /model_info, not /health: it answers while generation is paused (after a failed sync), costs no
         # generation, and a router (which does not proxy the weight endpoints) refuses it.
-        self._each(lambda e: e.control.model_info())
-        quantise = self._serves_fp8()
+        infos = self._each(lambda e: e.control.model_info())
+        quantise = self._serves_fp8(infos)
         self._touched = True
         if self.config.pause_mode is not None:
             self._each(lambda e: e.control.pause_generation(self.config.pause_mode))
@@ -226,7 +227,7 @@ class WeightSync:
                     engine.control.begin_weight_update()
                     opened.append(engine)
             buckets = tensors = nbytes = 0
-            manifest = self._manifest()
+            manifest = self._manifest(infos[0].get("model_path", ""))
             for bucket, last in with_last(make_buckets()):
                 if quantise:
                     bucket = fp8.quantize_bucket(bucket, scale_format=self.config.fp8_scale_format)
@@ -257,13 +258,15 @@ class WeightSync:
 
     # ---------------------------------------------------------------------------------------------
 
-    def _each(self, call) -> None:
-        """Run ``call(engine)`` on every engine at once; raise the first failure after all have answered."""
+    def _each(self, call) -> list:
+        """Run ``call(engine)`` on every engine at once and return the answers in engine order; raise the
+        first failure after all have answered."""
         with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="weights-ctl") as pool:
             futures = [pool.submit(call, engine) for engine in self.engines]
             errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]
+        return [f.result() for f in futures]
 
     def _check_versions(self, weight_version: str) -> None:
         for engine in self.engines:
@@ -272,23 +275,28 @@ class WeightSync:
                 raise TransportError(f"{engine.url} reports weight_version {served!r} after the update to "
                                      f"{weight_version!r}: the last bucket was not loaded there")
 
-    def _manifest(self) -> Optional["ServedManifest"]:
+    def _manifest(self, path: str) -> Optional["ServedManifest"]:
+        """A fresh manifest of the checkpoint the first engine serves from ``path``; its tensor shapes are read
+        once and again only when the folder's safetensors files change."""
         if not self.config.check_names:
             return None
-        path = self.engines[0].control.model_info().get("model_path", "")
         if not os.path.isdir(path):
             logger.info("%s serves %r, not readable here: tensor names and shapes are not checked before sending",
                         self.engines[0].url, path)
             return None
-        return ServedManifest(path)
+        identity = (path, ServedManifest.files_identity(path))
+        if self._served_shapes[0] != identity:
+            self._served_shapes = (identity, ServedManifest(path).shapes)
+        return ServedManifest(path, shapes=self._served_shapes[1])
 
-    def _serves_fp8(self) -> bool:
+    def _serves_fp8(self, infos: list[dict]) -> bool:
+        """Whether the engines serve FP8 (``infos``: their ``/model_info`` answers, in engine order)."""
         if self.config.fp8 != "auto":
             return self.config.fp8 == "on"
         if self._fp8 is None:
             verdicts = {}
-            for engine in self.engines:
-                path = engine.control.model_info().get("model_path", "")
+            for engine, info in zip(self.engines, infos):
+                path = info.get("model_path", "")
                 if not os.path.isfile(os.path.join(path, "config.json")):
                     raise ConfigError("weight_sync.fp8", f"{engine.url} serves {path!r}, which is not readable here, "
                                       "so 'auto' cannot tell whether it serves FP8", "set it to 'on' or 'off'")
@@ -316,17 +324,30 @@ class ServedManifest:
     # Buffers some checkpoints carry that no trainer exports and SGLang recomputes.
     _NOT_EXPORTED = ("rotary_emb.inv_freq",)
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, shapes: Optional[dict[str, tuple[int, ...]]] = None):
+        """``shapes``: the folder's tensor shapes when already known (else read from its safetensors headers)."""
         from safetensors import safe_open
 
         self.model_dir = model_dir
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        if shapes is None:
+            shapes = {}
+            for name in sorted(os.listdir(model_dir)):
+                if name.endswith(".safetensors"):
+                    with safe_open(os.path.join(model_dir, name), "pt") as f:
+                        for key in f.keys():
+                            shapes[key] = tuple(f.get_slice(key).get_shape())
+        self.shapes = shapes
+        self.seen: set[str] = set()
+
+    @staticmethod
+    def files_identity(model_dir: str) -> tuple:
+        """Name, size and modification time of each safetensors file: what changes when the checkpoint does."""
+        entries = []
         for name in sorted(os.listdir(model_dir)):
             if name.endswith(".safetensors"):
-                with safe_open(os.path.join(model_dir, name), "pt") as f:
-                    for key in f.keys():
-                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
-        self.seen: set[str] = set()
+                stat = os.stat(os.path.join(model_dir, name))
+                entries.append((name, stat.st_size, stat.st_mtime_ns))
+        return tuple(entries)
 
     def check(self, bucket: Bucket, last: bool) -> None:
         """Raise :class:`TransportError` naming any tensor of ``bucket`` the served model lacks or shapes

@@ -211,6 +211,24 @@ def test_disk_transport_keeps_only_the_newest_folder(server, models, references,
     _assert_serves(server, references[3], "disk-b/with slash")
 
 
+def test_a_sync_asks_model_info_once_and_checks_names_from_the_kept_manifest(server, models, references):
+    """A later sync asks each engine's /model_info once before loading (liveness, FP8 and the served folder
+    from one answer) and once after (the version check), and checks bucket names against the served
+    checkpoint's shapes read at the first sync."""
+    good = buckets_of(load_tensors(models[1]))
+    with WeightSync(_sync_config(server, "tensor", retries=0)) as sync:
+        sync.sync(good, "kept-1")
+        control, calls = sync.engines[0].control, []
+        model_info = control.model_info
+        control.model_info = lambda: calls.append("model_info") or model_info()
+        sync.sync(good, "kept-2")
+        assert calls == ["model_info"] * 2
+        with pytest.raises(WeightSyncError, match="no_such.weight is not a tensor of the served model"):
+            sync.sync(lambda: [[("model.layers.0.no_such.weight", torch.zeros(2))]], "kept-bad")
+        sync.sync(good, "kept-3")
+    _assert_serves(server, references[1], "kept-3")
+
+
 def test_unreachable_engine_is_named_and_nothing_is_applied(server, models, references):
     """With a dead engine in the list, the error names its URL; the live engine is left as it was: old
     weights, old version, no weight-update session left open, generation not paused."""
