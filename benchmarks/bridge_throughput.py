@@ -1,7 +1,7 @@
 """Weight-sync throughput: Megatron export + load into a real SGLang server, per transport, against a plain copy.
 
-    python benchmarks/bridge_throughput.py [--layers 8 --hidden 1024 --intermediate 2816] [--bucket-mb 64]
-                                           [--transports tensor distributed disk] [--repeats 5] [--source megatron]
+    python benchmarks/bridge_throughput.py [--layers 8 --hidden 1024 --intermediate 2816] [--bucket-mb 256]
+                                           [--transports tensor distributed disk] [--repeats 9] [--source megatron]
 
 Builds an HF Llama of a few hundred MB (fp32, offline), starts one SGLang server on it, imports a second
 copy with other weights into a one-rank Megatron model, and times each full sync (Megatron export to HF
@@ -11,7 +11,11 @@ every parameter for the in-memory transports; a file copy of the safetensors che
 Prints the median wall time and CPU time of each and their ratios (CPU time counts the trainer and the
 server, and is the steadier measure when other jobs share the cores), and the peak extra resident memory
 of the trainer process and of the server during a sync.
-``--source hf`` buckets the HF tensors directly (no Megatron). On a GPU machine a second section times
+``--source hf`` buckets the HF tensors directly (no Megatron).
+Every process here (this one, the server, the copy helper) runs one OpenMP thread unless ``OMP_NUM_THREADS``
+says otherwise, as the CPU runs do (``torchrun`` sets it per rank, ``alp_megatron.demo`` for the whole job):
+with two spinning OpenMP threads in each of trainer and server on 2 cores, measured, a sync takes 3-4x as
+long and varies 5x from run to run. On a GPU machine a second section times
 CUDA IPC (the tensor transport from CUDA tensors) against a device-to-device copy: the same table, with the
 model and server on the GPU; here it says why it is skipped.
 """
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads OpenMP; see the docstring
 import shutil
 import statistics
 import tempfile
@@ -153,6 +159,64 @@ def plain_copy(transport: str, params, folder: str, work: str) -> None:
         del copies[:]
 
 
+def _copy_out(conn, buffer: torch.Tensor, layout: list) -> None:
+    """Helper process of :class:`CrossProcessCopy`: copy bucket ``k`` out of ``buffer`` when told ``k``."""
+    own = [[torch.ones(shape, dtype=dtype) for _, shape, dtype in bucket] for bucket in layout]  # touched
+    conn.send("ready")
+    while (k := conn.recv()) is not None:
+        for (offset, shape, dtype), target in zip(layout[k], own[k]):
+            nbytes = target.numel() * target.element_size()
+            target.copy_(buffer[offset:offset + nbytes].view(dtype).view(shape))
+        conn.send(k)
+
+
+class CrossProcessCopy:
+    """The least a move of the weights into another process costs: the trainer writes each bucket into one
+    shared buffer (kept, so no page faults), a helper process copies it into tensors of its own (allocated
+    and touched once), one pipe round trip per bucket."""
+
+    def __init__(self, params: list[torch.Tensor], bucket_bytes: int):
+        from alp_megatron.bridge.export import bucketed
+        from alp_megatron.bridge.transports.tensor import file_system_sharing
+
+        self._buckets = [[t for _, t in bucket] for bucket in bucketed(((str(i), p) for i, p in enumerate(params)),
+                                                                     bucket_bytes)]
+        layout, largest = [], 0
+        for bucket in self._buckets:
+            entries, offset = [], 0
+            for tensor in bucket:
+                entries.append((offset, tuple(tensor.shape), tensor.dtype))
+                offset += tensor.numel() * tensor.element_size()
+            layout.append(entries)
+            largest = max(largest, offset)
+        self._layout = layout
+        context = torch.multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        with file_system_sharing():
+            self._buffer = torch.zeros(largest, dtype=torch.uint8).share_memory_()
+            self._process = context.Process(target=_copy_out, args=(child, self._buffer, layout), daemon=True)
+            self._process.start()
+        if self._conn.recv() != "ready":
+            raise RuntimeError("the copy helper did not start")
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def copy(self) -> None:
+        for k, (bucket, entries) in enumerate(zip(self._buckets, self._layout)):
+            for tensor, (offset, shape, dtype) in zip(bucket, entries):
+                nbytes = tensor.numel() * tensor.element_size()
+                self._buffer[offset:offset + nbytes].view(dtype).view(shape).copy_(tensor)
+            self._conn.send(k)
+            if self._conn.recv() != k:
+                raise RuntimeError("the copy helper answered out of turn")
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=30)
+
+
 def time_export(make_buckets) -> float:
     start = time.perf_counter()
     for bucket in make_buckets():
@@ -165,13 +229,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--bucket-mb", type=float, default=64)
+    parser.add_argument("--bucket-mb", type=float, default=None, help="default: the trainer's weight_sync.bucket_bytes")
     parser.add_argument("--transports", nargs="+", default=["tensor", "distributed", "disk"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--source", choices=["megatron", "hf"], default="megatron")
     args = parser.parse_args()
 
     from alp_megatron.bridge.verify import check_weights
+    from alp_megatron.config import WeightSyncSection
     from alp_megatron.bridge.weight_sync import EngineSpec, WeightSync, WeightSyncConfig
     from alp_megatron.rollout.engine_control import EngineControl
     from alp_megatron.rollout.server import ServerConfig, SGLangServer
@@ -180,6 +245,8 @@ def main() -> None:
     try:
         served = make_model(os.path.join(work, "served"), 0, args)
         trainer = make_model(os.path.join(work, "trainer"), 1, args)
+        if args.bucket_mb is None:
+            args.bucket_mb = WeightSyncSection().bucket_bytes / 2**20
         bucket_bytes = int(args.bucket_mb * 2**20)
         make_buckets, params = (megatron_source if args.source == "megatron" else hf_source)(trainer, bucket_bytes)
         nbytes = sum(p.numel() * p.element_size() for p in params)
@@ -191,7 +258,7 @@ def main() -> None:
                                           "--context-length", "1024", "--skip-server-warmup", "--log-level", "warning"))
         print(f"model: Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, fp32, "
               f"{nbytes / 2**20:.0f} MiB; buckets of {args.bucket_mb:g} MiB; source: {args.source}; "
-              f"device: {device} ({os.cpu_count()} cores visible)")
+              f"device: {device} ({os.cpu_count()} cores visible, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")
         with SGLangServer(config) as server:
             export_s = statistics.median(time_export(make_buckets) for _ in range(args.repeats))
             print(f"export alone (iterate every bucket): {export_s:.3f} s "
@@ -208,34 +275,53 @@ def main() -> None:
                   "(the 'copy' columns below clone, i.e. allocate and fill new memory, as any full copy must)")
             idle = idle_cpu_rate(server.pid)
             print(f"server idle CPU use (subtracted from CPU times): {idle:.2f} CPU-s/s")
-            print(f"{'transport':<12} {'sync s':>7} {'copy s':>7} {'ratio':>6}   {'sync CPU-s':>10} {'copy CPU-s':>10} "
-                  f"{'ratio':>6}   {'GiB/s':>6} {'trainer +MiB':>12} {'server +MiB':>11}   sync CPU-s trainer + server")
+            floor = CrossProcessCopy(params, bucket_bytes)
+            print(f"{'transport':<12} {'sync s':>13} {'copy s':>13} {'ratio':>11}   {'x-proc s':>13} {'ratio':>11}   "
+                  f"{'CPU ratio':>9} {'GiB/s':>6} {'trainer +MiB':>12} {'server +MiB':>11}   "
+                  "sync CPU-s trainer + server")
+            print(f"{'':<12} {'median/best':>13} {'median/best':>13} {'median/best':>11}   {'median/best':>13} "
+                  f"{'median/best':>11}   {'median':>9}")
             version = 0
             for name in args.transports:
                 options = {"root": os.path.join(work, "disk")} if name == "disk" else {}
-                syncs, copies, splits, extra = [], [], [], (0, 0)
+                runs = {"sync": [], "copy": [], "floor": []}
+                splits, extra = [], (0, 0)
                 with WeightSync(WeightSyncConfig(engines=[EngineSpec(server.url)], transport=name,
                                                  transport_options=options, retries=0)) as sync:
                     sync.sync(make_buckets, f"bench-warmup-{name}")  # group, staging buffers, first page faults
-                    for _ in range(args.repeats):
+                    for _ in range(args.repeats):  # interleaved, so that a busy spell hits all three alike
                         version += 1
                         with Meter(server.pid, idle) as meter:
                             sync.sync(make_buckets, f"bench-{version}")
-                        syncs.append((meter.wall, meter.cpu))
+                        runs["sync"].append((meter.wall, meter.cpu))
                         splits.append(meter.split)
                         extra = tuple(max(a, b) for a, b in zip(extra, meter.extra))
                         with Meter(None) as meter:
                             plain_copy(name, params, trainer, work)
-                        copies.append((meter.wall, meter.cpu))
+                        runs["copy"].append((meter.wall, meter.cpu))
+                        if name != "disk":
+                            with Meter(floor.pid) as meter:
+                                floor.copy()
+                            runs["floor"].append((meter.wall, meter.cpu))
                 check = check_weights(EngineControl(server.url), reference, sample=4, rows=8)
                 if not check.ok or not check.compared:
                     raise SystemExit(f"{name}: the engine does not serve the exported weights: {check.mismatches}")
-                sync_s, copy_s = (statistics.median(t for t, _ in runs) for runs in (syncs, copies))
-                sync_c, copy_c = (statistics.median(c for _, c in runs) for runs in (syncs, copies))
-                print(f"{name:<12} {sync_s:>7.3f} {copy_s:>7.3f} {sync_s / copy_s:>6.2f}   {sync_c:>10.3f} "
-                      f"{copy_c:>10.3f} {sync_c / copy_c:>6.2f}   {nbytes / 2**30 / sync_s:>6.2f} "
-                      f"{extra[0] / 2**20:>12.0f} {extra[1] / 2**20:>11.0f}   "
+                wall = {key: (statistics.median(t for t, _ in r), min(t for t, _ in r)) if r else None
+                        for key, r in runs.items()}
+                sync_c, copy_c = (statistics.median(c for _, c in runs[key]) for key in ("sync", "copy"))
+
+                def pair(values, digits=3):
+                    return "-" if values is None else f"{values[0]:.{digits}f}/{values[1]:.{digits}f}"
+
+                def ratios(reference_key):
+                    ref = wall[reference_key]
+                    return None if ref is None else (wall["sync"][0] / ref[0], wall["sync"][1] / ref[1])
+
+                print(f"{name:<12} {pair(wall['sync']):>13} {pair(wall['copy']):>13} {pair(ratios('copy'), 2):>11}   "
+                      f"{pair(wall['floor']):>13} {pair(ratios('floor'), 2):>11}   {sync_c / copy_c:>9.2f} "
+                      f"{nbytes / 2**30 / wall['sync'][0]:>6.2f} {extra[0] / 2**20:>12.0f} {extra[1] / 2**20:>11.0f}   "
                       f"{statistics.median(t for t, _ in splits):.2f} + {statistics.median(e for _, e in splits):.2f}")
+            floor.close()
         gpu_section()
     finally:
         shutil.rmtree(work, ignore_errors=True)
