@@ -53,10 +53,9 @@ def main(argv=None) -> int:
     os.chdir(REPO)  # the study's run_config path is relative to the repository
     try:
         if args.analyze_only:
-            from alp_megatron.study.plan import plan_runs
-            from alp_megatron.study.runner import num_layers, run_directory
+            from alp_megatron.study.runner import planned_runs
 
-            runs = [(spec, run_directory(out, spec)) for spec in plan_runs(study, num_layers(study))]
+            runs = planned_runs(study, out)
         else:
             runs = run_study(study, out)
     except AlpError as error:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from alp_megatron.config import load_run_config
+from alp_megatron.config import RunConfig, load_run_config
 from alp_megatron.errors import AlpError
 from alp_megatron.study.plan import RunSpec, StudyConfig, plan_runs
 from alp_megatron.trainer.metrics import read_metrics
@@ -57,9 +57,8 @@ def is_complete(run_dir: str, steps: int, spec: Optional[RunSpec] = None) -> boo
         return handle.read() == run_fingerprint(spec)
 
 
-def num_layers(study: StudyConfig) -> int:
+def num_layers(config: RunConfig) -> int:
     """Decoder layers of the model the study trains (the tiny model's, or the HF checkpoint's)."""
-    config = load_run_config(study.run_config, study.overrides)
     if config.model.hf_path:
         from alp_megatron.bridge.hf_folder import arch_from_hf_folder
 
@@ -67,12 +66,18 @@ def num_layers(study: StudyConfig) -> int:
     return config.model.tiny_num_layers
 
 
-def build_base_models(study: StudyConfig, output_dir: str) -> dict[int, str]:
+def planned_runs(study: StudyConfig, output_dir: str,
+                 config: Optional[RunConfig] = None) -> list[tuple[RunSpec, str]]:
+    """``[(spec, run_dir)]`` of every run of ``study`` (``config``: its run config, loaded if not given)."""
+    config = config or load_run_config(study.run_config, study.overrides)
+    return [(spec, run_directory(output_dir, spec)) for spec in plan_runs(study, num_layers(config))]
+
+
+def build_base_models(study: StudyConfig, config: RunConfig, output_dir: str) -> dict[int, str]:
     """``{seed: HF folder}``: the run config's tiny model, warm-started once per seed (shared by every
     configuration of that seed, so all start from the same policy)."""
     from alp_megatron.model.warm_start import ensure_warm_started_model
 
-    config = load_run_config(study.run_config, study.overrides)
     if config.model.hf_path:
         return {seed: config.model.hf_path for seed in study.seeds}
     model = config.model
@@ -83,11 +88,10 @@ def build_base_models(study: StudyConfig, output_dir: str) -> dict[int, str]:
             for seed in study.seeds}
 
 
-def start_engine(study: StudyConfig, model_path: str, log_dir: str):
+def start_engine(study: StudyConfig, config: RunConfig, model_path: str, log_dir: str):
     """One SGLang server in ``off_policy.engine_dtype`` with the run config's extra server arguments."""
     from alp_megatron.rollout.server import ServerConfig, start_servers
 
-    config = load_run_config(study.run_config, study.overrides)
     server_config = ServerConfig(model_path=model_path, port=0, dtype=study.off_policy.engine_dtype,
                                  extra_args=config.rollout.server_extra_args, log_dir=log_dir,
                                  startup_timeout_s=config.rollout.startup_timeout_s)
@@ -121,12 +125,13 @@ def run_one(study: StudyConfig, spec: RunSpec, run_dir: str, model_path: str, en
 def run_study(study: StudyConfig, output_dir: str,
               progress: Callable[[str], None] = print) -> list[tuple[RunSpec, str]]:
     """Run every run of ``study`` not yet complete in ``output_dir``; returns ``[(spec, run_dir)]`` of all."""
-    runs = plan_runs(study, num_layers(study))
-    todo = [spec for spec in runs if not is_complete(run_directory(output_dir, spec), study.steps, spec)]
+    config = load_run_config(study.run_config, study.overrides)
+    runs = planned_runs(study, output_dir, config)
+    todo = [spec for spec, run_dir in runs if not is_complete(run_dir, study.steps, spec)]
     progress(f"off-policy study: {len(runs)} runs ({len(runs) - len(todo)} already complete) in {output_dir}")
     if todo:
-        models = build_base_models(study, output_dir)
-        server = start_engine(study, models[study.seeds[0]], os.path.join(output_dir, "logs"))
+        models = build_base_models(study, config, output_dir)
+        server = start_engine(study, config, models[study.seeds[0]], os.path.join(output_dir, "logs"))
         started = time.monotonic()
         try:
             for index, spec in enumerate(todo, 1):
@@ -140,7 +145,7 @@ def run_study(study: StudyConfig, output_dir: str,
                          f"{time.monotonic() - run_started:.0f} s (about {remaining / 60:.0f} min left)")
         finally:
             server.stop()
-    return [(spec, run_directory(output_dir, spec)) for spec in runs]
+    return runs
 
 
 def _first_last(records: list[dict], key: str) -> Optional[str]:
