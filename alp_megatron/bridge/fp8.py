@@ -9,7 +9,8 @@ for those layers, so the bridge quantises them here (:func:`quantize_bucket`) be
 
 Only the layers SGLang quantises are converted: the ``LinearBase`` projections (attention q/k/v/o,
 MLP gate/up/down, per-expert and shared-expert gate/up/down). Embeddings, norms, ``lm_head`` and the MoE
-router (``mlp.gate``, ``shared_expert_gate``; SGLang builds them with ``quant_config=None``) keep their dtype.
+router (``mlp.gate``, ``shared_expert_gate``; SGLang builds them with ``quant_config=None``) keep their dtype,
+and so do the linears the served checkpoint's ``ignored_layers`` cover (:func:`served_ignored_layers`).
 
 ``scale_format="ue8m0"`` rounds each scale up to a power of two, as DeepGEMM's ``per_block_cast_to_fp8``
 does (Blackwell's UE8M0 scale format); the default keeps the exact fp32 scale of FP8 checkpoints.
@@ -42,11 +43,14 @@ Bucket = list[tuple[str, torch.Tensor]]
 
 
 def is_quantised_name(name: str, ignored: Sequence[str] = ()) -> bool:
-    """True if SGLang holds the HF parameter ``name`` as block-wise FP8 (and it is not under ``ignored``)."""
+    """True if SGLang holds the HF parameter ``name`` as block-wise FP8: a quantised linear whose module path
+    no entry of ``ignored`` covers. An entry covers a path when it is a dotted run of it (``mlp.gate`` covers
+    ``model.layers.0.mlp.gate``, not ``...mlp.gate_proj``; ``model.layers.1`` covers all of layer 1), as
+    SGLang matches a checkpoint's ``ignored_layers``."""
     if not _QUANTISED.search(name):
         return False
-    module = name[: -len(".weight")]
-    return not any(module == prefix or module.startswith(prefix + ".") for prefix in ignored)
+    module = f".{name[: -len('.weight')]}."
+    return not any(f".{entry.strip('.')}." in module for entry in ignored)
 
 
 def _ceil_to_power_of_two(x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +151,15 @@ def served_fp8_config(model_dir: str) -> Optional[dict]:
             f"with dynamic activations: set it to {FP8_QUANTIZATION_CONFIG}"
         )
     return config
+
+
+def served_ignored_layers(quantization_config: dict) -> tuple[str, ...]:
+    """The module paths a served FP8 checkpoint keeps unquantised: its ``ignored_layers`` or, when that key is
+    absent, ``modules_to_not_convert`` (the keys SGLang reads, in its order)."""
+    for key in ("ignored_layers", "modules_to_not_convert"):
+        if key in quantization_config:
+            return tuple(quantization_config[key] or ())
+    return ()
 
 
 def with_fp8_quantization_config(config: dict, block: tuple[int, int] = BLOCK) -> dict:

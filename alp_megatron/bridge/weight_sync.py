@@ -71,7 +71,9 @@ class WeightSyncConfig:
     config fields. ``pause_mode``: how running requests are paused during the update (``retract`` re-queues
     them, ``abort`` returns them, ``in_place`` keeps their KV cache; None: the caller pauses and resumes).
     ``fp8``: ``auto`` quantises to 128x128 block FP8 when the served checkpoint's ``config.json`` declares
-    it. ``retries``: whole-sync attempts after the first; ``retry_wait_s`` between attempts.
+    it, leaving unquantised the modules its ``ignored_layers`` (or ``modules_to_not_convert``) name and those
+    of ``fp8_ignored_layers`` (e.g. what the engines' ``SGLANG_FP8_IGNORED_LAYERS`` adds; it is not visible
+    from here). ``retries``: whole-sync attempts after the first; ``retry_wait_s`` between attempts.
     ``timeout_s``: per HTTP control call. ``check_names``: check each bucket's names and shapes against the
     served checkpoint (when its folder is readable here) before sending, see :class:`ServedManifest`.
     """
@@ -82,6 +84,7 @@ class WeightSyncConfig:
     pause_mode: Optional[str] = "retract"
     fp8: str = "auto"
     fp8_scale_format: str = "fp32"
+    fp8_ignored_layers: Sequence[str] = ()
     retries: int = 1
     retry_wait_s: float = 2.0
     timeout_s: float = 600.0
@@ -152,7 +155,8 @@ class WeightSync:
         self.engines = [EngineTarget(EngineControl(e.url, api_key=e.api_key, timeout_s=config.timeout_s), e.tp_size)
                         for e in config.engines]
         self.transport = make_transport(config.transport, **config.transport_options)
-        self._fp8: Optional[bool] = None
+        self._fp8: Optional[tuple] = None  # (serves FP8, module paths kept unquantised), once known
+        self._tp_checked = False
         self._served_shapes: tuple = (None, {})  # (files' identity, shapes) of the served checkpoint
         self._touched = False  # whether the current attempt got past the read-only checks
 
@@ -213,7 +217,8 @@ class WeightSync:
         # /model_info, not /health: it answers while generation is paused (after a failed sync), costs no
         # generation, and a router (which does not proxy the weight endpoints) refuses it.
         infos = self._each(lambda e: e.control.model_info())
-        quantise = self._serves_fp8(infos)
+        self._check_tp_sizes()
+        quantise, ignored = self._serves_fp8(infos)
         self._touched = True
         if self.config.pause_mode is not None:
             self._each(lambda e: e.control.pause_generation(self.config.pause_mode))
@@ -230,7 +235,7 @@ class WeightSync:
             manifest = self._manifest(infos[0].get("model_path", ""))
             for bucket, last in with_last(make_buckets()):
                 if quantise:
-                    bucket = fp8.quantize_bucket(bucket, scale_format=self.config.fp8_scale_format)
+                    bucket = fp8.quantize_bucket(bucket, scale_format=self.config.fp8_scale_format, ignored=ignored)
                 if manifest is not None:
                     manifest.check(bucket, last)
                 self.transport.push(bucket, weight_version=weight_version if last else None,
@@ -289,10 +294,12 @@ class WeightSync:
             self._served_shapes = (identity, ServedManifest(path).shapes)
         return ServedManifest(path, shapes=self._served_shapes[1])
 
-    def _serves_fp8(self, infos: list[dict]) -> bool:
-        """Whether the engines serve FP8 (``infos``: their ``/model_info`` answers, in engine order)."""
+    def _serves_fp8(self, infos: list[dict]) -> tuple[bool, tuple[str, ...]]:
+        """Whether the engines serve FP8, and the module paths they keep unquantised (``infos``: their
+        ``/model_info`` answers, in engine order)."""
+        extra = tuple(self.config.fp8_ignored_layers)
         if self.config.fp8 != "auto":
-            return self.config.fp8 == "on"
+            return self.config.fp8 == "on", extra
         if self._fp8 is None:
             verdicts = {}
             for engine, info in zip(self.engines, infos):
@@ -300,12 +307,42 @@ class WeightSync:
                 if not os.path.isfile(os.path.join(path, "config.json")):
                     raise ConfigError("weight_sync.fp8", f"{engine.url} serves {path!r}, which is not readable here, "
                                       "so 'auto' cannot tell whether it serves FP8", "set it to 'on' or 'off'")
-                verdicts[engine.url] = fp8.served_fp8_config(path) is not None
+                served = fp8.served_fp8_config(path)
+                verdicts[engine.url] = (served is not None, fp8.served_ignored_layers(served or {}))
             if len(set(verdicts.values())) > 1:
-                raise ConfigError("weight_sync.engines", f"some engines serve FP8 and some do not: {verdicts}",
-                                  "serve the same checkpoint format on every engine")
+                raise ConfigError("weight_sync.engines", f"the engines serve different checkpoint formats (FP8, "
+                                  f"layers kept unquantised): {verdicts}", "serve the same checkpoint on every engine")
             self._fp8 = next(iter(verdicts.values()))
-        return self._fp8
+        return self._fp8[0], self._fp8[1] + extra
+
+    def _check_tp_sizes(self) -> None:
+        """Once: every engine's tensor-parallel size is the one its :class:`EngineSpec` declares (a payload per
+        TP rank, and the broadcast group's size, depend on it)."""
+        if self._tp_checked:
+            return
+        answers = self._each(lambda e: e.control.server_info())
+        for i, (engine, answer) in enumerate(zip(self.engines, answers)):
+            served = _find_key(answer, "tp_size")
+            if served is None:
+                logger.warning("%s does not report its tp_size: weight_sync.engines[%d].tp_size=%d is not checked",
+                               engine.url, i, engine.tp_size)
+            elif served != engine.tp_size:
+                raise ConfigError(f"weight_sync.engines[{i}].tp_size",
+                                  f"is {engine.tp_size}, but {engine.url} runs with --tp-size {served}",
+                                  f"set it to {served}")
+        self._tp_checked = True
+
+
+def _find_key(tree, key: str):
+    """The value of ``key`` in a JSON answer, at its top level or in a nested object (None if absent)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for value in tree.values():
+            found = _find_key(value, key)
+            if found is not None:
+                return found
+    return None
 
 
 class ManifestError(TransportError):

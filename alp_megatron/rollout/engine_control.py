@@ -48,6 +48,10 @@ class EngineControl:
         """``GET /model_info``: model path, weight version, architectures and other serving facts."""
         return self._call("GET", "/model_info")
 
+    def server_info(self) -> dict:
+        """``GET /server_info``: the server's resolved launch arguments (``tp_size``, ...) and scheduler facts."""
+        return self._call("GET", "/server_info")
+
     def weight_version(self) -> str:
         """The label of the weights the server serves now (from ``/model_info``)."""
         info = self.model_info()

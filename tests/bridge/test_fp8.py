@@ -141,3 +141,44 @@ def test_agrees_with_sglang_block_fp8(tmp_path):
         assert torch.equal(q_ue8m0.view(torch.uint8), q_ref.view(torch.uint8))
         assert torch.equal(s_ue8m0, s_ref)
 
+
+
+_SGLANG_SKIPS = textwrap.dedent("""
+    import json, sys
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+    from sglang.srt.layers.quantization.utils import is_layer_skipped
+    skipped = []
+    for ignored, prefix in json.loads(sys.argv[1]):
+        config = Fp8Config.from_config({"quant_method": "fp8", "activation_scheme": "dynamic",
+                                        "weight_block_size": [128, 128], "ignored_layers": ignored})
+        skipped.append(is_layer_skipped(prefix, config.ignored_layers))
+    print(json.dumps(skipped))
+""")
+
+
+def test_ignored_layers_are_matched_as_sglang_matches_them():
+    """A served checkpoint's ``ignored_layers`` keep linears unquantised in SGLang; the bridge leaves exactly
+    those in their dtype (SGLang's own Fp8Config and is_layer_skipped decide, on its fused module names)."""
+    from alp_megatron._patches.sglang import server_environment
+
+    assert fp8.served_ignored_layers({"modules_to_not_convert": ["lm_head"]}) == ("lm_head",)
+    assert fp8.served_ignored_layers({"ignored_layers": ["a"], "modules_to_not_convert": ["b"]}) == ("a",)
+    assert fp8.served_ignored_layers(fp8.FP8_QUANTIZATION_CONFIG) == ()
+    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+             "up_proj": "gate_up_proj"}
+    names = [f"model.layers.{i}.{part}.{proj}.weight" for i in (0, 1)
+             for part, projs in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                 ("mlp", ("gate_proj", "up_proj", "down_proj"))) for proj in projs]
+    ignore_lists = [[], ["model.layers.1"], ["layers.0.self_attn"], ["mlp.gate", "lm_head"], ["model.layers.0.mlp"],
+                    ["model.layers.1.self_attn.o_proj"], ["mlp.down_proj"], ["model.layers.1.mlp.gate_up_proj"]]
+    cases, ours = [], []
+    for ignored in ignore_lists:
+        for name in names:
+            module, proj = name[: -len(".weight")].rsplit(".", 1)
+            cases.append([ignored, f"{module}.{fused.get(proj, proj)}"])
+            ours.append(not fp8.is_quantised_name(name, ignored))
+    result = subprocess.run([sys.executable, "-c", _SGLANG_SKIPS, json.dumps(cases)], capture_output=True, text=True,
+                            env=server_environment(dict(os.environ), device="cpu"), check=True, timeout=120)
+    skipped = json.loads(result.stdout.strip().splitlines()[-1])
+    assert any(skipped) and not all(skipped)
+    assert ours == skipped, [(c, o, t) for c, o, t in zip(cases, ours, skipped) if o != t]

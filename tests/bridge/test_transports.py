@@ -229,6 +229,18 @@ def test_a_sync_asks_model_info_once_and_checks_names_from_the_kept_manifest(ser
     _assert_serves(server, references[1], "kept-3")
 
 
+def test_a_wrong_tp_size_is_named_before_anything_changes(server, models):
+    """An engine declared with another tensor-parallel size than it runs (payloads per TP rank and the
+    broadcast group depend on it) is refused at the first sync, naming the field and the served size."""
+    control = EngineControl(server.url)
+    version = control.weight_version()
+    config = WeightSyncConfig(engines=[EngineSpec(server.url, tp_size=2)], transport="tensor", retry_wait_s=0.1)
+    with WeightSync(config) as sync, pytest.raises(ConfigError, match=r"weight_sync\.engines\[0\]\.tp_size") as caught:
+        sync.sync(buckets_of(load_tensors(models[1])), "never")
+    assert "--tp-size 1" in str(caught.value) and "set it to 1" in str(caught.value)
+    assert control.weight_version() == version and not _paused(server.url)
+
+
 def test_unreachable_engine_is_named_and_nothing_is_applied(server, models, references):
     """With a dead engine in the list, the error names its URL; the live engine is left as it was: old
     weights, old version, no weight-update session left open, generation not paused."""
