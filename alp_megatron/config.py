@@ -148,12 +148,16 @@ class RolloutSection:
 class WeightSyncSection:
     """``transport``: ``tensor`` (CUDA IPC / shared CPU memory), ``distributed`` (NCCL / gloo group) or
     ``disk``. ``bucket_bytes``: the most bytes exported and sent at once. ``fp8``: ``auto`` quantises to
-    128x128 block FP8 when the served checkpoint is FP8, ``on``/``off`` force it."""
+    128x128 block FP8 when the served checkpoint is FP8, ``on``/``off`` force it; ``fp8_scale_format``:
+    ``fp32`` (FP8 checkpoints) or ``ue8m0`` (power-of-two scales, DeepGEMM on Blackwell);
+    ``fp8_ignored_layers``: module paths the engines keep unquantised beyond the checkpoint's own list."""
 
     transport: str = "tensor"
     bucket_bytes: int = 256 * 2**20
     pause_mode: str = "retract"
     fp8: str = "auto"
+    fp8_scale_format: str = "fp32"
+    fp8_ignored_layers: tuple[str, ...] = ()
     retries: int = 1
     verify_every: int = 0  # steps between full weight-equality checks of the engines (0: never)
 
@@ -163,6 +167,11 @@ class WeightSyncSection:
                               f"use one of {TRANSPORTS}")
         if self.bucket_bytes < 2**16:
             raise ConfigError("weight_sync.bucket_bytes", f"{self.bucket_bytes} is too small", "use >= 64 KiB")
+        from alp_megatron.bridge.fp8 import SCALE_FORMATS
+
+        if self.fp8_scale_format not in SCALE_FORMATS:
+            raise ConfigError("weight_sync.fp8_scale_format", f"{self.fp8_scale_format!r} is not a scale format",
+                              f"use one of {SCALE_FORMATS}")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ def test_alp_methods_keep_the_perturbation():
     ("model.tiny_num_layers=0", "model.tiny_num_layers"),
     ("alp.target=embeddings", "alp.target"),
     ("actor.temperature=0.7", "actor.temperature"),
+    ("weight_sync.fp8_scale_format=e8m0", "weight_sync.fp8_scale_format"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -35,3 +36,10 @@ def test_engine_temperature_is_a_deliberate_mismatch_the_trainer_does_not_follow
     config = load_run_config(None, ("rollout.engine_temperature=1.2",))
     assert config.rollout.engine_temperature == 1.2
     assert config.actor.temperature == config.rollout.sampling.temperature == 1.0
+
+
+def test_fp8_settings_reach_the_run_config():
+    config = load_run_config(None, ("weight_sync.fp8_scale_format=ue8m0",
+                                    "weight_sync.fp8_ignored_layers=[lm_head,mlp.gate]"))
+    assert config.weight_sync.fp8_scale_format == "ue8m0"
+    assert tuple(config.weight_sync.fp8_ignored_layers) == ("lm_head", "mlp.gate")

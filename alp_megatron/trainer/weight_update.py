@@ -43,7 +43,9 @@ class TrainerWeightSync:
         if self.rank0:
             engines = [EngineSpec(url=url, tp_size=tp, api_key=api_key) for url, tp in zip(engine_urls, tp_sizes)]
             self.sync = WeightSync(WeightSyncConfig(engines=engines, transport=section.transport,
-                                                    pause_mode=section.pause_mode, fp8=section.fp8, retries=0))
+                                                    pause_mode=section.pause_mode, fp8=section.fp8,
+                                                    fp8_scale_format=section.fp8_scale_format,
+                                                    fp8_ignored_layers=section.fp8_ignored_layers, retries=0))
 
     def update(self, policy, weight_version: str) -> dict:
         """Push ``policy``'s weights to every engine as ``weight_version``. Collective; returns metrics."""
