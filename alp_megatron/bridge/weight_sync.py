@@ -322,7 +322,7 @@ class WeightSync:
             return
         answers = self._each(lambda e: e.control.server_info())
         for i, (engine, answer) in enumerate(zip(self.engines, answers)):
-            served = _find_key(answer, "tp_size")
+            served = answer.get("tp_size")  # top level of SGLang 0.5.23's /server_info
             if served is None:
                 logger.warning("%s does not report its tp_size: weight_sync.engines[%d].tp_size=%d is not checked",
                                engine.url, i, engine.tp_size)
@@ -331,18 +331,6 @@ class WeightSync:
                                   f"is {engine.tp_size}, but {engine.url} runs with --tp-size {served}",
                                   f"set it to {served}")
         self._tp_checked = True
-
-
-def _find_key(tree, key: str):
-    """The value of ``key`` in a JSON answer, at its top level or in a nested object (None if absent)."""
-    if isinstance(tree, dict):
-        if key in tree:
-            return tree[key]
-        for value in tree.values():
-            found = _find_key(value, key)
-            if found is not None:
-                return found
-    return None
 
 
 class ManifestError(TransportError):
