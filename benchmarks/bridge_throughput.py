@@ -177,37 +177,36 @@ class CrossProcessCopy:
 
     def __init__(self, params: list[torch.Tensor], bucket_bytes: int):
         from alp_megatron.bridge.export import bucketed
+        from alp_megatron.bridge.transports import aligned_order
         from alp_megatron.bridge.transports.tensor import file_system_sharing
 
-        self._buckets = [[t for _, t in bucket] for bucket in bucketed(((str(i), p) for i, p in enumerate(params)),
-                                                                     bucket_bytes)]
-        layout, largest = [], 0
-        for bucket in self._buckets:
-            entries, offset = [], 0
-            for tensor in bucket:
-                entries.append((offset, tuple(tensor.shape), tensor.dtype))
-                offset += tensor.numel() * tensor.element_size()
-            layout.append(entries)
-            largest = max(largest, offset)
-        self._layout = layout
+        self._buckets = [aligned_order(bucket)
+                         for bucket in bucketed(((str(i), p) for i, p in enumerate(params)), bucket_bytes)]
+        largest = max(sum(t.numel() * t.element_size() for _, t in bucket) for bucket in self._buckets)
         context = torch.multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         with file_system_sharing():
             self._buffer = torch.zeros(largest, dtype=torch.uint8).share_memory_()
+            layout = [[(m.start_idx, tuple(m.shape), m.dtype) for m in self._write(bucket)]
+                      for bucket in self._buckets]
             self._process = context.Process(target=_copy_out, args=(child, self._buffer, layout), daemon=True)
             self._process.start()
         if self._conn.recv() != "ready":
             raise RuntimeError("the copy helper did not start")
+
+    def _write(self, bucket) -> list:
+        """``bucket`` into the shared buffer, laid out as the ``tensor`` transport lays it; its metadata."""
+        from alp_megatron.bridge.transports import flatten_bucket
+
+        return flatten_bucket(bucket, allocate=lambda nbytes, device: self._buffer[:nbytes])[1]
 
     @property
     def pid(self) -> int:
         return self._process.pid
 
     def copy(self) -> None:
-        for k, (bucket, entries) in enumerate(zip(self._buckets, self._layout)):
-            for tensor, (offset, shape, dtype) in zip(bucket, entries):
-                nbytes = tensor.numel() * tensor.element_size()
-                self._buffer[offset:offset + nbytes].view(dtype).view(shape).copy_(tensor)
+        for k, bucket in enumerate(self._buckets):
+            self._write(bucket)
             self._conn.send(k)
             if self._conn.recv() != k:
                 raise RuntimeError("the copy helper answered out of turn")
