@@ -1,4 +1,5 @@
-"""What an SGLang server needs to start on a machine without a GPU: import stand-ins, env vars, flags.
+"""What an SGLang server needs to start on a machine without a GPU (import stand-ins, env vars, flags),
+and how any SGLang server is stopped without a false crash report or files left in /dev/shm.
 
 Upstream limitation: SGLang 0.5.23 runs on CPU (``--device cpu``, ``SGLANG_USE_CPU_ENGINE=1``) with its
 torch-native attention and sampling, but two packages it imports at module level cannot be installed
@@ -17,12 +18,15 @@ raises ``NotImplementedError`` when called). They are put on the **server proces
 only, never imported into ours, and only when ``torch.cuda.is_available()`` is False; on a GPU machine
 the real packages are used and :func:`server_environment` adds no path. The stand-ins depend on the
 lazy-import structure of one SGLang release, so every entry point checks the installed version first
-(:func:`check_version`). ``tests/patches/test_sglang.py`` shows the stand-ins are needed and sufficient.
+(:func:`check_version`). ``tests/patches/test_sglang.py`` shows the stand-ins are needed and sufficient,
+and that a killed server leaves its load-snapshot file behind unless the launcher removes it
+(:data:`LAUNCHER_STOP_SIGNAL`, :data:`SHARED_MEMORY_LEFT_BEHIND`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from importlib import metadata
 from typing import Mapping, Optional
 
@@ -45,6 +49,23 @@ CPU_SERVER_ARGS: tuple[str, ...] = (
 # SGLang picks its platform from this variable; without it the generic path imports vllm kernels.
 # ALP_SGLANG_SEEDED_SAMPLING: request seeds are honoured on CPU (sglang_cpu/sitecustomize.py).
 CPU_ENV: Mapping[str, str] = {"SGLANG_USE_CPU_ENGINE": "1", "ALP_SGLANG_SEEDED_SAMPLING": "1"}
+
+
+# Stopping a server. SGLang 0.5.23's launcher starts its scheduler and detokenizer with
+# PR_SET_PDEATHSIG=SIGKILL and tears them down itself with SIGKILL (kill_process_tree); no process of it
+# cleans up on a signal. A SIGTERM to the whole group makes the launcher's watchdog take the scheduler's
+# exit for a crash: it logs "Subprocess scheduler_0 crashed ... SIGQUIT received" and sleeps 5 s for crash
+# diagnostics (SGLANG_PYSPY_DUMP_BEFORE_CRASH and SGLANG_CUDA_COREDUMP_BEFORE_CRASH, on by default) before
+# it exits (measured: 5.8 s per stop, and its semaphore left in /dev/shm). A SIGKILL to the launcher alone
+# ends the group within a fraction of a second (its children by PDEATHSIG) and lets its multiprocessing
+# resource tracker unlink the semaphores it made; the group stop follows for anything left.
+LAUNCHER_STOP_SIGNAL = signal.SIGKILL
+
+# Files a killed server leaves in /dev/shm, on every stop: the scheduler's load-snapshot file
+# (managers/load_snapshot.py, 16 KiB per server start), unlinked only by a clean close that a killed
+# scheduler never reaches. SGLang's own sweep for them (utils/stale_shm_cleanup.py) runs only in its CI and
+# removes every such file on the machine; the launcher here removes those its own server used.
+SHARED_MEMORY_LEFT_BEHIND: tuple[str, ...] = ("sglang_loads_",)
 
 
 def installed_version() -> Optional[Version]:

@@ -61,11 +61,19 @@ def base_url(host: str, port: int) -> str:
 class ManagedProcess:
     """A command run in a new process group, its output appended to ``log_path``."""
 
-    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str], log_path: str):
+    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str], log_path: str,
+                 leader_stop_signal: Optional[int] = None, shared_memory_prefixes: Sequence[str] = ()):
+        """``leader_stop_signal``: sent to the leader alone before the group is signalled, for programs
+        that end their own children when their leader dies. ``shared_memory_prefixes``: names of
+        ``/dev/shm`` files the program leaves behind when killed; those its processes were seen to use
+        (:meth:`note_shared_memory`, and at stop) are unlinked once the whole group has exited."""
         self.name = name
         self.command = list(command)
         self.env = dict(env)
         self.log_path = log_path
+        self.leader_stop_signal = leader_stop_signal
+        self.shared_memory_prefixes = tuple(shared_memory_prefixes)
+        self._shared_memory: set[str] = set()
         self._popen: Optional[subprocess.Popen] = None
 
     @property
@@ -96,11 +104,25 @@ class ManagedProcess:
     def returncode(self) -> Optional[int]:
         return None if self._popen is None else self._popen.poll()
 
+    def note_shared_memory(self) -> None:
+        """Remember the ``/dev/shm`` files with :attr:`shared_memory_prefixes` that the group uses now."""
+        if self._popen is not None and self.shared_memory_prefixes:
+            self._shared_memory |= {path for path in group_shared_memory(self._popen.pid)
+                                    if os.path.basename(path).startswith(self.shared_memory_prefixes)}
+
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, wait up to ``timeout`` s, then SIGKILL what still runs of it."""
+        """Send ``leader_stop_signal`` to the leader (if set) and give the group a moment to exit; then
+        SIGTERM the process group, wait up to ``timeout`` s, and SIGKILL what still runs of it. Finally
+        unlink the noted shared-memory files the group left behind."""
         if self._popen is None:
             return
         group = self._popen.pid  # start_new_session: the group id is the leader's pid
+        self.note_shared_memory()
+        if self.leader_stop_signal is not None and self._popen.poll() is None:
+            self._popen.send_signal(self.leader_stop_signal)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and group_running(group):
+                time.sleep(0.02)
         if group_running(group):
             _signal_group(group, signal.SIGTERM)
             deadline = time.monotonic() + timeout
@@ -119,7 +141,20 @@ class ManagedProcess:
             self._popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        if not group_running(group):
+            self._unlink_shared_memory()
         _live.discard(self)
+
+    def _unlink_shared_memory(self) -> None:
+        for path in sorted(self._shared_memory):
+            try:
+                os.unlink(path)
+                logger.debug("%s: removed %s, left behind in shared memory", self.name, path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                logger.warning("%s: could not remove %s, left behind in shared memory: %s", self.name, path, error)
+        self._shared_memory.clear()
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the log file ('' when there is none yet)."""
@@ -163,6 +198,8 @@ class ManagedService:
     health_path = "/health"
     startup_timeout_s = 120.0
     stop_timeout_s = 20.0
+    leader_stop_signal: Optional[int] = None  # see ManagedProcess
+    shared_memory_prefixes: tuple[str, ...] = ()
 
     _process: Optional[ManagedProcess] = None
 
@@ -184,7 +221,8 @@ class ManagedService:
         if self.is_alive():
             raise RuntimeError(f"{self.kind} {self.url} is already running (pid {self.pid})")
         self._process = ManagedProcess(f"{self.kind} {self.url}", self.command(), self.environment(),
-                                       self.log_path)
+                                       self.log_path, leader_stop_signal=self.leader_stop_signal,
+                                       shared_memory_prefixes=self.shared_memory_prefixes)
         self._process.start()
         return self
 
@@ -201,6 +239,7 @@ class ManagedService:
             tail = self.log_tail(60)
             self.stop()
             raise ServerStartError(self.kind, self.url, problem, self.log_path, tail)
+        self._process.note_shared_memory()  # what it made while starting, in case it dies before stop()
         logger.info("%s %s healthy (pid %s)", self.kind, self.url, self.pid)
         return self
 
@@ -209,7 +248,7 @@ class ManagedService:
         return self._process is not None and self._process.is_alive()
 
     def stop(self, timeout: Optional[float] = None) -> None:
-        """SIGTERM the process group, then SIGKILL it after ``timeout`` s (default ``stop_timeout_s``)."""
+        """Stop the process group (:meth:`ManagedProcess.stop`; ``timeout`` defaults to ``stop_timeout_s``)."""
         if self._process is not None:
             self._process.stop(self.stop_timeout_s if timeout is None else timeout)
 
@@ -241,10 +280,18 @@ def group_running(group: int) -> bool:
     """Whether a process of ``group`` still runs (exited members waiting to be reaped do not count)."""
     if not _signal_group(group, 0):
         return False
+    if not os.path.isdir("/proc"):
+        return True
+    return bool(group_members(group))
+
+
+def group_members(group: int) -> list[int]:
+    """The process ids of ``group`` that still run (Linux ``/proc``; zombies do not count)."""
+    members = []
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return True
+        return members
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -255,8 +302,31 @@ def group_running(group: int) -> bool:
             continue
         # fields after the command name: state, ppid, pgrp, ...
         if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
+            members.append(int(entry))
+    return members
+
+
+def group_shared_memory(group: int) -> set[str]:
+    """The ``/dev/shm`` files that the running processes of ``group`` have mapped or open."""
+    paths: set[str] = set()
+    for pid in group_members(group):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    path = line.rstrip("\n").split(maxsplit=5)[-1]
+                    if path.startswith("/dev/shm/") and not path.endswith(" (deleted)"):
+                        paths.add(path)
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # the process exited meanwhile, or is not ours to read
+            continue
+        for fd in descriptors:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/dev/shm/") and not target.endswith(" (deleted)"):
+                paths.add(target)
+    return paths
 
 
 @atexit.register

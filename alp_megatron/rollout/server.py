@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from alp_megatron._patches import sglang as sglang_patch
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.errors import ServerStartError
 from alp_megatron.rollout.process import ManagedProcess, ManagedService, base_url, free_port, is_loopback
@@ -118,6 +119,9 @@ class SGLangServer(ManagedService):
 
     kind = "SGLang server"
     health_path = "/health"
+    # How SGLang 0.5.23 is stopped cleanly and what it leaves behind: see patches/sglang.py.
+    leader_stop_signal = sglang_patch.LAUNCHER_STOP_SIGNAL
+    shared_memory_prefixes = sglang_patch.SHARED_MEMORY_LEFT_BEHIND
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -144,8 +148,6 @@ class SGLangServer(ManagedService):
 
     def command(self) -> list[str]:
         """The ``sglang.launch_server`` command line for this config."""
-        from alp_megatron._patches import sglang as sglang_patch
-
         cfg = self.config
         device = cfg.resolved_device()
         cmd = [
@@ -164,8 +166,6 @@ class SGLangServer(ManagedService):
         return cmd
 
     def environment(self) -> dict[str, str]:
-        from alp_megatron._patches import sglang as sglang_patch
-
         env = sglang_patch.server_environment(device=self.config.resolved_device())
         # A server started by a trainer rank must not join the trainer's torch.distributed world: SGLang's
         # own process group reads these variables (env://) and would wait for the trainer's ranks forever.

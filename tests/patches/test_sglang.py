@@ -1,4 +1,5 @@
-"""The SGLang CPU stand-ins (``patches/sglang.py``) are needed and sufficient, and the version guard holds.
+"""The SGLang CPU stand-ins (``patches/sglang.py``) are needed and sufficient, the version guard holds, and
+a killed server's leftover in /dev/shm is real and removed by the launcher.
 
 One fresh process (CPU engine on) imports SGLang's scheduler and HTTP server modules three times,
 putting one more stand-in on ``sys.path`` before each try: with none the model configs fail on
@@ -8,8 +9,10 @@ both the modules import. (One process instead of three: each import of SGLang co
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -116,3 +119,24 @@ def test_cpu_server_environment_adds_stand_ins_and_cpu_engine():
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert env["PYTHONPATH"].split(os.pathsep) == [sglang_patch.cpu_stand_ins_dir(), "/elsewhere"]
     assert "--attention-backend" in sglang_patch.server_args("cpu") and sglang_patch.server_args("cuda") == ()
+
+
+def test_a_killed_server_leaves_its_load_snapshot_file_and_stop_removes_it(tmp_path):
+    """SGLang's teardown is SIGKILL (kill_process_tree); after it the scheduler's load-snapshot file is
+    still in /dev/shm. The launcher's stop, run after the kill, removes the one its server used."""
+    from alp_megatron.rollout.process import group_running, group_shared_memory
+    from tests.sglang_fixtures import launch_server, tiny_model
+
+    with launch_server(tiny_model(tmp_path / "model"), log_dir=str(tmp_path / "logs")) as server:
+        group = server.pid
+        used = {path for path in group_shared_memory(group)
+                if os.path.basename(path).startswith(sglang_patch.SHARED_MEMORY_LEFT_BEHIND)}
+        assert used, f"no {sglang_patch.SHARED_MEMORY_LEFT_BEHIND} file in use by the server: SGLang changed"
+        os.killpg(group, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while group_running(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_running(group)
+        assert all(os.path.exists(path) for path in used)  # the upstream limitation
+        server.stop()
+        assert not [path for path in used if os.path.exists(path)]

@@ -10,7 +10,7 @@ import pytest
 
 from alp_megatron.rollout.client import ClientConfig, RolloutClient
 from alp_megatron.rollout.engine_control import EngineControl
-from alp_megatron.rollout.process import group_running
+from alp_megatron.rollout.process import group_running, group_shared_memory
 from alp_megatron.rollout.router import RouterConfig, SGLangRouter
 from alp_megatron.rollout.sampler import Sampler, SamplerConfig
 from alp_megatron.rollout.server import ServerSupervisor
@@ -81,6 +81,7 @@ def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, serv
     for server in servers:
         EngineControl(server.url).slow_down(0.02)
     old_pid = victim.pid
+    left_behind = [path for path in group_shared_memory(old_pid) if "/sglang_loads_" in path]
 
     async def scenario():
         rollouts = asyncio.gather(via_router.rollout(prompts), direct.rollout(prompts))
@@ -108,6 +109,7 @@ def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, serv
             time.sleep(1)
     assert supervisor.restarts == {survivor.url: 0, victim.url: 1}
     assert victim.pid != old_pid and not group_running(old_pid)
+    assert left_behind and not [path for path in left_behind if os.path.exists(path)]  # the restart removed it
     assert EngineControl(victim.url).health()
 
     deadline = time.monotonic() + 60

@@ -1,11 +1,14 @@
-"""Server launch config, control calls on a real SGLang server, and a stop that leaves no process behind."""
+"""Server launch config, control calls on a real SGLang server, and a stop that leaves no process and no
+shared-memory file behind."""
+
+import os
 
 import pytest
 
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.errors import EngineError, EngineUnreachableError
-from alp_megatron.rollout.process import free_port, group_running
+from alp_megatron.rollout.process import free_port, group_running, group_shared_memory
 from alp_megatron.rollout.server import ServerConfig
 
 
@@ -37,14 +40,20 @@ def test_unreachable_server_error_names_url():
     assert url in str(caught.value) and "/health" in str(caught.value)
 
 
-def test_stop_ends_the_whole_process_group(second_server):
+def test_stop_ends_the_whole_process_group_and_leaves_nothing_in_shared_memory(second_server):
     pid = second_server.pid
     assert group_running(pid) and EngineControl(second_server.url).health()
+    used = group_shared_memory(pid)
+    assert any(os.path.basename(path).startswith("sglang_loads_") for path in used)  # its load-snapshot file
     second_server.stop()
     assert not second_server.is_alive()
     assert not group_running(pid)
     with pytest.raises(EngineUnreachableError):
         EngineControl(second_server.url, timeout_s=5).health()
+    assert not [path for path in used if os.path.exists(path)]
+    with open(second_server.log_path, errors="replace") as log:
+        this_run = log.read().rsplit("\n==== ", 1)[-1]
+    assert "crashed" not in this_run and "SIGQUIT" not in this_run, this_run[-2000:]  # a stop, not a crash
 
 
 @pytest.mark.parametrize("fields, field_name", [
