@@ -34,9 +34,9 @@ def test_groups_have_n_samples_with_ids_logprobs_and_versions(client_config):
     for sample in batch.samples:
         assert sample.prompt_ids == PROMPTS[sample.group_id - 11]
         assert 1 <= len(sample.response_ids) == len(sample.rollout_logprobs) <= 10
-        assert sample.finish_reason == ("length" if len(sample.response_ids) == 10 else "stop")
-        if sample.finish_reason == "stop":
-            assert sample.response_ids[-1] in (7, 2)  # the stop token or eos
+        stopped = sample.response_ids[-1] in (7, 2)  # the stop token or eos; it may fall on the 10th token
+        assert sample.finish_reason == ("stop" if stopped else "length")
+        assert stopped or len(sample.response_ids) == 10
         assert sample.weight_version == "v0" and sample.is_complete
         assert sample.weight_versions == [WeightSpan("v0", 0, len(sample.response_ids))]
     assert len(batch.complete_groups()) == 2
