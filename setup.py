@@ -26,6 +26,8 @@ Why each pin:
 Extras:
 - sglang: the rollout engine, pinned exactly (0.5.23): its HTTP/weight-update API changes between
   releases and our client and CPU recipe were verified on this one.
+- wandb >=0.17,<1: the optional W&B sink (run id + resume="allow", define_metric step axis); verified on
+  0.31.0, offline mode in the tests (also in `test`, so that the sink is exercised).
 - gpu: Transformer Engine for the TE layer spec and FP8. Apex is optional and is never installed from
   PyPI (the PyPI "apex" is an unrelated project); see README.md for building NVIDIA Apex.
 """
@@ -75,7 +77,8 @@ setup(
     extras_require={
         "sglang": ["sglang==0.5.23", "sglang-router>=0.3.2,<0.4"],
         "gpu": ["transformer-engine[pytorch]>=2.4"],
-        "test": ["pytest>=8"],
+        "wandb": ["wandb>=0.17,<1"],
+        "test": ["pytest>=8", "wandb>=0.17,<1"],
     },
     entry_points={
         "console_scripts": [

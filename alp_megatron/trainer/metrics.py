@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -29,7 +30,8 @@ REQUIRED_KEYS = (
 @dataclass(frozen=True)
 class MetricsConfig:
     """``tensorboard``: write event files under ``<output_dir>/tensorboard``. ``wandb_project``: log to W&B
-    (requires ``pip install wandb``). ``gpu_telemetry``: per-GPU utilisation/memory/power when a GPU exists."""
+    (``pip install 'alp-megatron[wandb]'``; a resumed run continues the same W&B run; ``WANDB_MODE=offline``
+    works without a network). ``gpu_telemetry``: per-GPU utilisation/memory/power when a GPU exists."""
 
     tensorboard: bool = True
     wandb_project: Optional[str] = None
@@ -105,16 +107,49 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    def __init__(self, project: str, run_name: Optional[str], config: dict, output_dir: str):
+    """One W&B run per output directory: its id is kept in ``<output_dir>/wandb_run_id``, and a resumed run
+    (``resume_after_step`` set) continues it instead of starting another. Metrics are plotted against the
+    training ``step`` (W&B's own step only counts calls): W&B drops a record whose step is not above the
+    last one it holds, and after a resume the steps between the checkpoint and the crash are logged again."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, project: str, run_name: Optional[str], config: dict, output_dir: str,
+                 resume_after_step: Optional[int] = None):
         try:
             import wandb
         except ImportError:
             raise ConfigError("metrics.wandb_project", "is set but wandb is not installed",
-                              "pip install wandb, or unset metrics.wandb_project") from None
-        self._run = wandb.init(project=project, name=run_name, config=config, dir=output_dir)
+                              "pip install 'alp-megatron[wandb]', or unset metrics.wandb_project") from None
+        id_path = os.path.join(output_dir, self.ID_FILE)
+        run_id = None
+        if resume_after_step is not None and os.path.exists(id_path):
+            with open(id_path) as handle:
+                run_id = handle.read().strip() or None
+        if run_id is None:
+            run_id = uuid.uuid4().hex[:12]  # W&B run ids: lower-case letters and digits
+            tmp = id_path + ".tmp"
+            with open(tmp, "w") as handle:
+                handle.write(run_id + "\n")
+            os.replace(tmp, id_path)
+        self._run = wandb.init(project=project, name=run_name, config=config, dir=output_dir, id=run_id,
+                               resume="allow")
+        self._run.define_metric("step")
+        self._run.define_metric("*", step_metric="step")
+        logger.info("W&B run %s (%s)", run_id, "resumed" if resume_after_step is not None else "new")
+
+    @property
+    def run_id(self) -> str:
+        return self._run.id
+
+    @property
+    def latest(self) -> dict:
+        """The newest value of each metric the run holds (W&B's summary)."""
+        return dict(self._run.summary)
 
     def write(self, step: int, metrics: dict) -> None:
-        self._run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        record = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._run.log({**record, "step": step})
 
     def close(self) -> None:
         self._run.finish()
@@ -161,7 +196,8 @@ class MetricsLogger:
         if config.tensorboard:
             self.sinks.append(TensorBoardSink(os.path.join(output_dir, "tensorboard")))
         if config.wandb_project:
-            self.sinks.append(WandbSink(config.wandb_project, config.wandb_run_name, run_config or {}, output_dir))
+            self.sinks.append(WandbSink(config.wandb_project, config.wandb_run_name, run_config or {}, output_dir,
+                                        resume_after_step))
         self.telemetry = GpuTelemetry() if config.gpu_telemetry else None
 
     def write(self, step: int, metrics: dict) -> dict:

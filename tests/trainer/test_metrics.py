@@ -1,4 +1,4 @@
-"""metrics.jsonl, TensorBoard and GPU telemetry sinks."""
+"""metrics.jsonl, TensorBoard, W&B (offline) and GPU telemetry sinks."""
 
 import math
 import os
@@ -47,3 +47,32 @@ def test_gpu_telemetry_is_empty_without_a_gpu():
 def test_config_errors():
     with pytest.raises(ConfigError, match="metrics.wandb_project"):
         MetricsConfig(wandb_project=" ")
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is in the test extras; install alp-megatron[test]")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_wandb_resume_continues_the_same_run_and_a_fresh_start_makes_another(tmp_path, wandb_offline):
+    config = MetricsConfig(tensorboard=False, wandb_project="alp-test", gpu_telemetry=False)
+    first = MetricsLogger(str(tmp_path), config, {"seed": 1})
+    run_id = first.sinks[-1].run_id
+    for step in range(3):
+        first.write(step, {"reward_mean": float(step), "skipped": True})
+    latest = first.sinks[-1].latest
+    assert latest["step"] == 2 and latest["reward_mean"] == 2.0 and "skipped" not in latest  # booleans are not metrics
+    first.close()
+    assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
+
+    resumed = MetricsLogger(str(tmp_path), config, {"seed": 1}, resume_after_step=1)
+    assert resumed.sinks[-1].run_id == run_id
+    resumed.write(2, {"reward_mean": 20.0})  # a step the first run logged too, logged again after the resume
+    assert resumed.sinks[-1].latest["reward_mean"] == 20.0
+    resumed.close()
+
+    fresh = MetricsLogger(str(tmp_path), config, {"seed": 2})
+    assert fresh.sinks[-1].run_id != run_id
+    fresh.close()
