@@ -41,7 +41,10 @@ def install() -> None:
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens on ``port`` (connections of a cluster stopped just before, in TIME_WAIT, do not count:
+    the daemons bind with SO_REUSEADDR too)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
             return True
@@ -50,8 +53,13 @@ def _port_free(port: int) -> bool:
 
 
 class SlurmCluster:
-    def __init__(self, scratch: str):
+    """``nodes`` > 1 emulates that many nodes on this host (one slurmd per node, ``slurmd -N``), each
+    with the host's cores, for scripts that place work on distinct nodes."""
+
+    def __init__(self, scratch: str, nodes: int = 1):
         self.scratch = scratch
+        self.host = socket.gethostname().split(".")[0]
+        self.node_names = [self.host] if nodes == 1 else [f"{self.host}n{i}" for i in range(1, nodes + 1)]
         self.conf = os.path.join(scratch, "etc", "slurm.conf")
         self.pids: list[int] = []
         self.munged_pid: Optional[int] = None
@@ -59,7 +67,7 @@ class SlurmCluster:
 
     def start(self) -> "SlurmCluster":
         install()
-        for port in (6817, 6818):
+        for port in (6817, 6818, *self._node_ports()):
             if not _port_free(port):
                 raise SlurmUnavailable(f"port {port} is taken (another Slurm is running here)")
         for sub in ("etc", "state", "spool", "log", "run"):
@@ -71,12 +79,14 @@ class SlurmCluster:
                                       stdout=log("slurmctld.stdout"), stderr=subprocess.STDOUT, env=self.env)
         self.pids.append(controller.pid)
         self._wait(lambda: "is UP" in _run(["scontrol", "ping"], env=self.env).stdout, "slurmctld to answer")
-        node = subprocess.Popen(["slurmd", "-D", "-f", self.conf], stdin=subprocess.DEVNULL,
-                                stdout=log("slurmd.stdout"), stderr=subprocess.STDOUT, env=self.env)
-        self.pids.append(node.pid)
-        host = socket.gethostname().split(".")[0]
-        self._wait(lambda: _run(["sinfo", "-h", "-n", host, "-o", "%T"], env=self.env).stdout.strip() == "idle",
-                   "the node to be idle")
+        for name in self.node_names:
+            named = [] if name == self.host else ["-N", name]
+            node = subprocess.Popen(["slurmd", "-D", "-f", self.conf, *named], stdin=subprocess.DEVNULL,
+                                    stdout=log(f"slurmd-{name}.stdout"), stderr=subprocess.STDOUT, env=self.env)
+            self.pids.append(node.pid)
+        nodes = ",".join(self.node_names)
+        self._wait(lambda: set(_run(["sinfo", "-h", "-N", "-n", nodes, "-o", "%T"], env=self.env).stdout.split())
+                   == {"idle"}, "the nodes to be idle")
         for pid in self.pids:
             os.kill(pid, 0)  # still ours and alive (a second cluster on the same ports dies quietly)
         return self
@@ -97,8 +107,18 @@ class SlurmCluster:
         with open("/run/munge/munged.pid") as handle:
             self.munged_pid = int(handle.read().strip())
 
+    def _node_ports(self) -> list[int]:
+        return [] if self.node_names == [self.host] else [6820 + i for i in range(len(self.node_names))]
+
+    def _node_lines(self, topology: str, memory: int) -> list[str]:
+        if self.node_names == [self.host]:
+            return [f"NodeName={self.host} NodeAddr=127.0.0.1 {topology} RealMemory={memory} State=UNKNOWN"]
+        share = memory // len(self.node_names)
+        return [f"NodeName={name} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={port} {topology} "
+                f"RealMemory={share} State=UNKNOWN" for name, port in zip(self.node_names, self._node_ports())]
+
     def _write_conf(self) -> None:
-        host = socket.gethostname().split(".")[0]
+        host = self.host
         memory = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) // 1024 - 1024
         node = _run(["slurmd", "-C"]).stdout.splitlines()[0].split()
         topology = " ".join(field for field in node if field.split("=")[0] in
@@ -111,11 +131,11 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none", "MailProg=/bin/true", "EnforcePartLimits=ALL",
             "JobCompType=jobcomp/filetxt", f"JobCompLoc={s}/log/jobcomp.txt", "SchedulerType=sched/backfill",
             "SchedulerParameters=batch_sched_delay=0", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "ReturnToService=2", f"StateSaveLocation={s}/state", f"SlurmdSpoolDir={s}/spool",
-            f"SlurmctldPidFile={s}/run/slurmctld.pid", f"SlurmdPidFile={s}/run/slurmd.pid",
-            f"SlurmctldLogFile={s}/log/slurmctld.log", f"SlurmdLogFile={s}/log/slurmd.log",
-            f"NodeName={host} NodeAddr=127.0.0.1 {topology} RealMemory={memory} State=UNKNOWN",
-            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            "ReturnToService=2", f"StateSaveLocation={s}/state", f"SlurmdSpoolDir={s}/spool/%n",
+            f"SlurmctldPidFile={s}/run/slurmctld.pid", f"SlurmdPidFile={s}/run/slurmd-%n.pid",
+            f"SlurmctldLogFile={s}/log/slurmctld.log", f"SlurmdLogFile={s}/log/slurmd-%n.log",
+            *self._node_lines(topology, memory),
+            f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP",
         ]
         with open(self.conf, "w") as handle:
             handle.write("\n".join(lines) + "\n")
