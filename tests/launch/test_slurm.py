@@ -1,4 +1,6 @@
-"""launch/slurm_train.sbatch really runs: a single-node Slurm (started here) runs the CPU config to the end."""
+"""The Slurm launch scripts really run, on a Slurm started here that emulates two nodes on this host: the
+CPU config to the end with launch/slurm_train.sbatch on one node, and with launch/slurm_disaggregated.sbatch
+SGLang and the router on one node and the trainer on the other."""
 
 import os
 import sys
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.sglang
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")), nodes=2)
     try:
         cluster.start()
     except SlurmUnavailable as reason:
@@ -34,6 +36,31 @@ def test_sbatch_runs_the_cpu_config(slurm, tmp_path):
     info = slurm.wait_job(job, timeout=1500)
     log = open(f"{tmp_path}/slurm-{job}.out").read()
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", log[-4000:]
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [0, 1]
+    assert records[-1]["weight_version"] == 2
+
+
+def test_disaggregated_sbatch_serves_on_one_node_and_trains_on_the_other(slurm, tmp_path):
+    from alp_megatron.model.warm_start import ensure_warm_started_model
+    from alp_megatron.rollout.process import free_port
+
+    model = ensure_warm_started_model(str(tmp_path / "base_model"), "rev4", 0, seed=0, num_layers=2)
+    out = tmp_path / "run"
+    env = {"CONFIG": os.path.join(REPO, "examples", "cpu_tiny.yaml"), "OUTPUT_DIR": str(out),
+           "PYTHON": sys.executable, "GPUS_PER_NODE": "2", "OMP_NUM_THREADS": "1", "MODEL_PATH": model,
+           "API_KEY": "slurm-test-key", "SERVER_TP": "1", "SERVER_PORT": str(free_port()),
+           "ROUTER_PORT": str(free_port()), "RDZV_PORT": str(free_port()),
+           "SERVER_ARGS": "--max-total-tokens 8192 --max-running-requests 8",
+           "ALP_OVERRIDES": " ".join(["run.steps=2", *SMALL])}
+    job = slurm.sbatch(os.path.join(REPO, "launch", "slurm_disaggregated.sbatch"), "--nodes=2",
+                       "--cpus-per-task=2", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out", env=env)
+    info = slurm.wait_job(job, timeout=1500)
+    log = open(f"{tmp_path}/slurm-{job}.out").read()
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", log[-4000:]
+    rollout_node, train_node = slurm.node_names
+    assert f"trainer: 1 node(s) x 2 ranks on {train_node}" in log
+    assert os.path.exists(tmp_path / f"alp-disagg-{job}-sglang-{rollout_node}-{env['SERVER_PORT']}.out")
     records = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in records] == [0, 1]
     assert records[-1]["weight_version"] == 2
