@@ -17,6 +17,10 @@ from alp_megatron.errors import AlpError
 from alp_megatron.rollout.server import ServerConfig, SGLangServer
 
 
+class _StoppedWhileStarting(Exception):
+    """SIGTERM or SIGINT arrived before the server was healthy."""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -33,9 +37,16 @@ def main(argv=None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+        if not ready.is_set():
+            raise _StoppedWhileStarting  # out of the health wait: a job ending early need not wait for it
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
+    server = None
     try:
         server = SGLangServer(ServerConfig(
             model_path=args.model_path, port=args.port, host=args.host, api_key=args.api_key,
@@ -43,9 +54,16 @@ def main(argv=None) -> int:
             log_dir=args.log_dir, startup_timeout_s=args.startup_timeout))
         server.start()
         server.wait_healthy()
+        ready.set()
     except AlpError as error:
         print(f"serve: {error}", file=sys.stderr)
         return 1
+    except _StoppedWhileStarting:
+        ready.set()  # a second signal now only sets `stop`, while the stop below runs
+        print("serve: stopped while the server was starting", file=sys.stderr)
+        if server is not None:
+            server.stop()
+        return 0
     print(f"SGLang server ready at {server.url} (log {server.log_path})", flush=True)
     try:
         while not stop.wait(2.0):
