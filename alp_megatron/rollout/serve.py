@@ -37,29 +37,35 @@ def main(argv=None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop, ready = threading.Event(), threading.Event()
+    stop, starting = threading.Event(), threading.Event()
+    signals = {signal.SIGTERM, signal.SIGINT}
 
     def on_signal(*_):
         stop.set()
-        if not ready.is_set():
+        if starting.is_set():
+            starting.clear()  # raise once; a second signal only sets `stop`
             raise _StoppedWhileStarting  # out of the health wait: a job ending early need not wait for it
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in signals:
         signal.signal(signum, on_signal)
     server = None
+    starting.set()
     try:
         server = SGLangServer(ServerConfig(
             model_path=args.model_path, port=args.port, host=args.host, api_key=args.api_key,
             tp_size=args.tp_size, dtype=args.dtype, weight_version=args.weight_version, extra_args=tuple(extra),
             log_dir=args.log_dir, startup_timeout_s=args.startup_timeout))
-        server.start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # not between the fork and the launcher being recorded
+        try:
+            server.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a signal held back arrives here
         server.wait_healthy()
-        ready.set()
+        starting.clear()
     except AlpError as error:
         print(f"serve: {error}", file=sys.stderr)
         return 1
     except _StoppedWhileStarting:
-        ready.set()  # a second signal now only sets `stop`, while the stop below runs
         print("serve: stopped while the server was starting", file=sys.stderr)
         if server is not None:
             server.stop()
