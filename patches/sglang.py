@@ -58,7 +58,8 @@ CPU_ENV: Mapping[str, str] = {"SGLANG_USE_CPU_ENGINE": "1", "ALP_SGLANG_SEEDED_S
 # diagnostics (SGLANG_PYSPY_DUMP_BEFORE_CRASH and SGLANG_CUDA_COREDUMP_BEFORE_CRASH, on by default) before
 # it exits (measured: 5.8 s per stop, and its semaphore left in /dev/shm). A SIGKILL to the launcher alone
 # ends the group within a fraction of a second (its children by PDEATHSIG) and lets its multiprocessing
-# resource tracker unlink the semaphores it made; the group stop follows for anything left.
+# resource tracker unlink the semaphores it made; the group stop follows for anything left. (It also skips
+# the graceful end of the opt-in weight-cache daemons, `--weight-cache-mode daemon`, which we do not use.)
 LAUNCHER_STOP_SIGNAL = signal.SIGKILL
 
 # Files a killed server leaves in /dev/shm, on every stop: the scheduler's load-snapshot file

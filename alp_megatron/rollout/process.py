@@ -296,7 +296,7 @@ def group_members(group: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as handle:
+            with open(f"/proc/{entry}/stat", errors="replace") as handle:  # the name may be any bytes
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
@@ -311,7 +311,7 @@ def group_shared_memory(group: int) -> set[str]:
     paths: set[str] = set()
     for pid in group_members(group):
         try:
-            with open(f"/proc/{pid}/maps") as maps:
+            with open(f"/proc/{pid}/maps", errors="surrogateescape") as maps:  # paths as the OS spells them
                 for line in maps:
                     path = line.rstrip("\n").split(maxsplit=5)[-1]
                     if path.startswith("/dev/shm/") and not path.endswith(" (deleted)"):

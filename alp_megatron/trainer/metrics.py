@@ -126,6 +126,7 @@ class WandbSink:
         if resume_after_step is not None and os.path.exists(id_path):
             with open(id_path) as handle:
                 run_id = handle.read().strip() or None
+        resumed = run_id is not None
         if run_id is None:
             run_id = uuid.uuid4().hex[:12]  # W&B run ids: lower-case letters and digits
             tmp = id_path + ".tmp"
@@ -136,7 +137,7 @@ class WandbSink:
                                resume="allow")
         self._run.define_metric("step")
         self._run.define_metric("*", step_metric="step")
-        logger.info("W&B run %s (%s)", run_id, "resumed" if resume_after_step is not None else "new")
+        logger.info("W&B run %s (%s)", run_id, "continued" if resumed else "new")
 
     @property
     def run_id(self) -> str:
