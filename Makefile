@@ -29,7 +29,7 @@ demo: venv
 test: test-main test-megatron-019
 
 test-main: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The Megatron tests again on the newest supported megatron-core (0.19.x needs Python >= 3.12, and
 # PyPI has only a CUDA torch build for it, which runs on CPU).
