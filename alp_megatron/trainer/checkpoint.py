@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from alp_megatron.atomic_files import write_text_atomically
 from alp_megatron.errors import AlpError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def save_checkpoint(directory: str, step: int, ddp_chunks: list, optimizer, sche
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_text_atomically(os.path.join(directory, LATEST), checkpoint_name(step))
+        write_text_atomically(os.path.join(directory, LATEST), checkpoint_name(step))
         _prune(directory, config.keep_last)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
@@ -192,14 +193,5 @@ def load_checkpoint(path: str, ddp_chunks: list, optimizer, scheduler) -> dict:
     return trainer_state
 
 
-def _write_text_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json_atomically(path: str, data: dict) -> None:
-    _write_text_atomically(path, json.dumps(data, indent=1, sort_keys=True))
+    write_text_atomically(path, json.dumps(data, indent=1, sort_keys=True))

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
+from alp_megatron.atomic_files import write_text_atomically
 from alp_megatron.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,7 @@ class JsonlSink:
 def _truncate_after(path: str, last_step: int) -> None:
     with open(path) as handle:
         kept = [line for line in handle if line.strip() and json.loads(line).get("step", -1) <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(kept))
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -129,10 +127,7 @@ class WandbSink:
         resumed = run_id is not None
         if run_id is None:
             run_id = uuid.uuid4().hex[:12]  # W&B run ids: lower-case letters and digits
-            tmp = id_path + ".tmp"
-            with open(tmp, "w") as handle:
-                handle.write(run_id + "\n")
-            os.replace(tmp, id_path)
+            write_text_atomically(id_path, run_id + "\n")
         self._run = wandb.init(project=project, name=run_name, config=config, dir=output_dir, id=run_id,
                                resume="allow")
         self._run.define_metric("step")
