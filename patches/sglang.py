@@ -1,5 +1,6 @@
 """What an SGLang server needs to start on a machine without a GPU (import stand-ins, env vars, flags),
-and how any SGLang server is stopped without a false crash report or files left in /dev/shm.
+how any SGLang server is stopped without a false crash report or files left in /dev/shm, and how a start
+that lost its port is told apart.
 
 Upstream limitation: SGLang 0.5.23 runs on CPU (``--device cpu``, ``SGLANG_USE_CPU_ENGINE=1``) with its
 torch-native attention and sampling, but two packages it imports at module level cannot be installed
@@ -19,8 +20,9 @@ only, never imported into ours, and only when ``torch.cuda.is_available()`` is F
 the real packages are used and :func:`server_environment` adds no path. The stand-ins depend on the
 lazy-import structure of one SGLang release, so every entry point checks the installed version first
 (:func:`check_version`). ``tests/patches/test_sglang.py`` shows the stand-ins are needed and sufficient,
-and that a killed server leaves its load-snapshot file behind unless the launcher removes it
-(:data:`LAUNCHER_STOP_SIGNAL`, :data:`SHARED_MEMORY_LEFT_BEHIND`).
+that a killed server leaves its load-snapshot file behind unless the launcher removes it
+(:data:`LAUNCHER_STOP_SIGNAL`, :data:`SHARED_MEMORY_LEFT_BEHIND`), and that a server whose port was taken
+stays up without serving (:data:`START_FAILURE_LOG_LINES`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ LAUNCHER_STOP_SIGNAL = signal.SIGKILL
 # scheduler never reaches. SGLang's own sweep for them (utils/stale_shm_cleanup.py) runs only in its CI and
 # removes every such file on the machine; the launcher here removes those its own server used.
 SHARED_MEMORY_LEFT_BEHIND: tuple[str, ...] = ("sglang_loads_",)
+
+# A server binds its HTTP port only after it has loaded its model. When the port has been taken by then,
+# SGLang 0.5.23's launcher logs uvicorn's bind error and then waits in its app's shutdown for its warm-up
+# thread, which keeps polling the taken port: it neither serves nor exits (measured: still up 7 minutes
+# later, its health wait running to the timeout). The launcher here takes this log line for a failed start.
+PORT_TAKEN_LOG_LINE = "error while attempting to bind on address"
+START_FAILURE_LOG_LINES: tuple[str, ...] = (PORT_TAKEN_LOG_LINE,)
 
 
 def installed_version() -> Optional[Version]:

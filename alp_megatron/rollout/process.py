@@ -11,12 +11,14 @@ import atexit
 import ipaddress
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
 import weakref
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional, Sequence
 
 import requests
@@ -36,12 +38,49 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now (the OS picks it)."""
+# Ports are picked for processes that bind them only later (an SGLang server binds its HTTP port after it
+# has loaded its model). The OS hands out ports from its ephemeral range (ip_local_port_range) to every
+# bind to port 0, every outgoing connection and every gloo listener, so a port picked there may be taken by
+# then: an SGLang scheduler starting beside a second server was seen listening (gloo) on the HTTP port that
+# had been picked for that server. Picks come from below the ephemeral range instead, and below the range
+# SGLang picks its own internal ports from (22000-29999).
+PICK_PORT_RANGE = (10000, 21999)
+
+
+def _bind_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports on ``host`` that nothing uses right now, from :data:`PICK_PORT_RANGE`
+    (at random, so that separate processes rarely pick the same one); the OS picks when that range is full."""
+    low, high = PICK_PORT_RANGE
+    chooser = random.SystemRandom()  # never the seeded global generator: ranks seeded alike would collide
+    picked: list[int] = []
+    for port in chooser.sample(range(low, high + 1), min(high - low + 1, 64 * count)):
+        if len(picked) == count:
+            break
+        if _bind_free(host, port):
+            picked.append(port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while len(picked) < count:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in picked:
+            picked.append(port)
+    return picked
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing uses right now (see :func:`free_ports`)."""
+    return free_ports(1, host)[0]
 
 
 def connect_host(host: str) -> str:
@@ -62,17 +101,24 @@ class ManagedProcess:
     """A command run in a new process group, its output appended to ``log_path``."""
 
     def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str], log_path: str,
-                 leader_stop_signal: Optional[int] = None, shared_memory_prefixes: Sequence[str] = ()):
+                 leader_stop_signal: Optional[int] = None, shared_memory_prefixes: Sequence[str] = (),
+                 start_failure_lines: Sequence[str] = ()):
         """``leader_stop_signal``: sent to the leader alone before the group is signalled, for programs
         that end their own children when their leader dies. ``shared_memory_prefixes``: names of
         ``/dev/shm`` files the program leaves behind when killed; those its processes were seen to use
-        (:meth:`note_shared_memory`, and at stop) are unlinked once the whole group has exited."""
+        (:meth:`note_shared_memory`, and at stop) are unlinked once the whole group has exited.
+        ``start_failure_lines``: text that, in a log line written after the start, means the start failed
+        even while the process stays up (:meth:`wait_http_ok` then gives up at once; the line is kept in
+        :attr:`start_failure`)."""
         self.name = name
         self.command = list(command)
         self.env = dict(env)
         self.log_path = log_path
         self.leader_stop_signal = leader_stop_signal
         self.shared_memory_prefixes = tuple(shared_memory_prefixes)
+        self.start_failure_lines = tuple(start_failure_lines)
+        self.start_failure: Optional[str] = None
+        self._log_scanned = 0  # where in the log the search for start_failure_lines goes on
         self._shared_memory: set[str] = set()
         self._popen: Optional[subprocess.Popen] = None
 
@@ -87,6 +133,7 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.command)}\n".encode())
             log.flush()
+            self._log_scanned, self.start_failure = log.tell(), None
             self._popen = subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
@@ -168,21 +215,56 @@ class ManagedProcess:
             return ""
         return "\n".join(deque(text.splitlines(), maxlen=lines))
 
+    def _start_failure_in_log(self) -> Optional[str]:
+        """The first complete log line since the last look that holds one of :attr:`start_failure_lines`."""
+        if not self.start_failure_lines:
+            return None
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_scanned)
+                written = log.read()
+        except FileNotFoundError:
+            return None
+        complete = written[: written.rfind(b"\n") + 1]
+        self._log_scanned += len(complete)
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            if any(text in line for text in self.start_failure_lines):
+                return line.strip()
+        return None
+
     def wait_http_ok(self, url: str, path: str, timeout: float, headers: Optional[dict] = None) -> Optional[str]:
-        """Poll ``GET url+path`` until it answers 200. Returns None on success, else why it did not."""
+        """Poll ``GET url+path`` until it answers 200. Returns None on success, else why it did not.
+
+        Each check runs on a worker thread while the process and its log are watched, so an exit or a start
+        failure ends the wait at once even while a check hangs on whatever holds the port."""
         deadline = time.monotonic() + timeout
         last = "no answer yet"
-        while time.monotonic() < deadline:
-            if not self.is_alive():
-                return f"exited with code {self.returncode()} before becoming healthy"
-            try:
-                answer = requests.get(url + path, headers=headers, timeout=10)
-                if answer.status_code == 200:
-                    return None
-                last = f"{path} answered HTTP {answer.status_code}"
-            except requests.RequestException as error:
-                last = f"{path}: {type(error).__name__}"
-            time.sleep(0.5)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-check")
+        try:  # not a with-block: leaving it would wait for a hanging check
+            check = None
+            while time.monotonic() < deadline:
+                if not self.is_alive():
+                    return f"exited with code {self.returncode()} before becoming healthy"
+                self.start_failure = self._start_failure_in_log()
+                if self.start_failure is not None:
+                    return f"failed to start; its log says: {self.start_failure}"
+                if check is None:
+                    check = pool.submit(requests.get, url + path, headers=headers, timeout=10)
+                    next_check = time.monotonic() + 0.5
+                elif check.done():
+                    try:
+                        answer = check.result()
+                        if answer.status_code == 200:
+                            return None
+                        last = f"{path} answered HTTP {answer.status_code}"
+                    except requests.RequestException as error:
+                        last = f"{path}: {type(error).__name__}"
+                    if time.monotonic() >= next_check:
+                        check = None
+                        continue
+                time.sleep(0.05)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         return f"did not become healthy within {timeout:.0f} s (last check: {last})"
 
 
@@ -200,6 +282,7 @@ class ManagedService:
     stop_timeout_s = 20.0
     leader_stop_signal: Optional[int] = None  # see ManagedProcess
     shared_memory_prefixes: tuple[str, ...] = ()
+    start_failure_lines: tuple[str, ...] = ()
 
     _process: Optional[ManagedProcess] = None
 
@@ -222,7 +305,8 @@ class ManagedService:
             raise RuntimeError(f"{self.kind} {self.url} is already running (pid {self.pid})")
         self._process = ManagedProcess(f"{self.kind} {self.url}", self.command(), self.environment(),
                                        self.log_path, leader_stop_signal=self.leader_stop_signal,
-                                       shared_memory_prefixes=self.shared_memory_prefixes)
+                                       shared_memory_prefixes=self.shared_memory_prefixes,
+                                       start_failure_lines=self.start_failure_lines)
         self._process.start()
         return self
 

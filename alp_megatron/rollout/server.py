@@ -122,6 +122,7 @@ class SGLangServer(ManagedService):
     # How SGLang 0.5.23 is stopped cleanly and what it leaves behind: see patches/sglang.py.
     leader_stop_signal = sglang_patch.LAUNCHER_STOP_SIGNAL
     shared_memory_prefixes = sglang_patch.SHARED_MEMORY_LEFT_BEHIND
+    start_failure_lines = sglang_patch.START_FAILURE_LOG_LINES
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -129,12 +130,41 @@ class SGLangServer(ManagedService):
         self._port = config.port or None
         self._log_dir = config.log_dir
         self._process: Optional[ManagedProcess] = None
+        self._was_healthy = False
 
     @property
     def port(self) -> int:
         if self._port is None:
-            self._port = free_port(self.config.host if self.config.host != "localhost" else "127.0.0.1")
+            self.pick_port()
         return self._port
+
+    def pick_port(self, avoid: Sequence[int] = ()) -> int:
+        """Pick a free port for a server not started yet whose config leaves the port open (``port=0``)."""
+        host = self.config.host if self.config.host != "localhost" else "127.0.0.1"
+        port = free_port(host)
+        while port in avoid:
+            port = free_port(host)
+        self._port = port
+        return port
+
+    def wait_healthy(self, timeout: Optional[float] = None) -> "SGLangServer":
+        """As :meth:`ManagedService.wait_healthy`; and when the port was picked here and another process took
+        it before the server bound it (see patches/sglang.py), the first start is made again on a new port.
+        A configured port that is taken, or a taken port after the server has served, is an error."""
+        try:
+            super().wait_healthy(timeout)
+        except ServerStartError:
+            failure = (self._process.start_failure if self._process is not None else None) or ""
+            if self.config.port or self._was_healthy or sglang_patch.PORT_TAKEN_LOG_LINE not in failure:
+                raise
+            taken = self._port
+            self.pick_port(avoid=(taken,))
+            logger.warning("port %d was taken by another process before SGLang bound it; starting the server "
+                           "again on port %d", taken, self._port)
+            self.start()
+            super().wait_healthy(timeout)
+        self._was_healthy = True
+        return self
 
     @property
     def url(self) -> str:
@@ -190,6 +220,10 @@ class SGLangServer(ManagedService):
 def start_servers(configs: Sequence[ServerConfig], timeout: Optional[float] = None) -> list[SGLangServer]:
     """Start every server at once, then wait for all to be healthy; on any failure stop them all and raise."""
     servers = [SGLangServer(config) for config in configs]
+    picked: list[int] = []
+    for server in servers:  # distinct picks, so that two servers never start on one port
+        if not server.config.port:
+            picked.append(server.pick_port(avoid=picked))
     try:
         for server in servers:
             server.start()

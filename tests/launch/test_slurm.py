@@ -44,14 +44,15 @@ def test_sbatch_runs_the_cpu_config(slurm, tmp_path):
 
 def test_disaggregated_sbatch_serves_on_one_node_and_trains_on_the_other(slurm, tmp_path):
     from alp_megatron.model.warm_start import ensure_warm_started_model
-    from alp_megatron.rollout.process import free_port
+    from alp_megatron.rollout.process import free_ports
 
     model = ensure_warm_started_model(str(tmp_path / "base_model"), "rev4", 0, seed=0, num_layers=2)
     out = tmp_path / "run"
+    server_port, router_port, rdzv_port = free_ports(3)
     env = {"CONFIG": os.path.join(REPO, "examples", "cpu_tiny.yaml"), "OUTPUT_DIR": str(out),
            "PYTHON": sys.executable, "GPUS_PER_NODE": "2", "OMP_NUM_THREADS": "1", "MODEL_PATH": model,
-           "API_KEY": "slurm-test-key", "SERVER_TP": "1", "SERVER_PORT": str(free_port()),
-           "ROUTER_PORT": str(free_port()), "RDZV_PORT": str(free_port()),
+           "API_KEY": "slurm-test-key", "SERVER_TP": "1", "SERVER_PORT": str(server_port),
+           "ROUTER_PORT": str(router_port), "RDZV_PORT": str(rdzv_port),
            "SERVER_ARGS": "--max-total-tokens 8192 --max-running-requests 8",
            "ALP_OVERRIDES": " ".join(["run.steps=2", *SMALL])}
     job = slurm.sbatch(os.path.join(REPO, "launch", "slurm_disaggregated.sbatch"), "--nodes=2",

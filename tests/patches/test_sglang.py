@@ -140,3 +140,34 @@ def test_a_killed_server_leaves_its_load_snapshot_file_and_stop_removes_it(tmp_p
         assert all(os.path.exists(path) for path in used)  # the upstream limitation
         server.stop()
         assert not [path for path in used if os.path.exists(path)]
+
+
+def test_a_server_whose_port_is_taken_stays_up_without_serving_and_the_launcher_sees_it(tmp_path):
+    """SGLang binds its HTTP port after loading the model; when the port is taken by then, the launcher logs
+    the bind error and stays up, serving nothing (the upstream limitation). The launcher here stops waiting
+    at that log line instead of at the startup timeout."""
+    import socket
+
+    from alp_megatron.rollout.process import ManagedProcess, base_url
+    from alp_megatron.rollout.server import SGLangServer
+    from tests.sglang_fixtures import server_config, tiny_model
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:  # listens, never answers
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(16)
+        port = holder.getsockname()[1]
+        server = SGLangServer(server_config(tiny_model(tmp_path / "model"), port=port, log_dir=str(tmp_path)))
+        process = ManagedProcess("sglang on a taken port", server.command(), server.environment(), server.log_path,
+                                 leader_stop_signal=sglang_patch.LAUNCHER_STOP_SIGNAL,
+                                 shared_memory_prefixes=sglang_patch.SHARED_MEMORY_LEFT_BEHIND,
+                                 start_failure_lines=sglang_patch.START_FAILURE_LOG_LINES)
+        process.start()
+        try:
+            problem = process.wait_http_ok(base_url("127.0.0.1", port), "/health", timeout=600)
+            assert problem is not None and problem.startswith("failed to start"), problem
+            assert sglang_patch.PORT_TAKEN_LOG_LINE in process.start_failure and str(port) in process.start_failure
+            time.sleep(5)
+            assert process.is_alive(), "SGLang now exits when its port is taken: START_FAILURE_LOG_LINES may go"
+        finally:
+            process.stop()
+        assert not process.is_alive()

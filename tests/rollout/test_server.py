@@ -2,6 +2,7 @@
 shared-memory file behind."""
 
 import os
+import socket
 
 import pytest
 
@@ -9,7 +10,8 @@ from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.errors import EngineError, EngineUnreachableError
 from alp_megatron.rollout.process import free_port, group_running, group_shared_memory
-from alp_megatron.rollout.server import ServerConfig
+from alp_megatron.rollout.server import ServerConfig, SGLangServer
+from tests.sglang_fixtures import server_config
 
 
 def test_server_answers_health_model_info_and_weight_version(rollout_server, model_dirs):
@@ -54,6 +56,32 @@ def test_stop_ends_the_whole_process_group_and_leaves_nothing_in_shared_memory(s
     with open(second_server.log_path, errors="replace") as log:
         this_run = log.read().rsplit("\n==== ", 1)[-1]
     assert "crashed" not in this_run and "SIGQUIT" not in this_run, this_run[-2000:]  # a stop, not a crash
+
+
+def test_a_picked_port_taken_before_the_server_binds_it_moves_the_first_start_to_another(model_dirs, tmp_path,
+                                                                                       monkeypatch):
+    """Another process takes the port picked for a server while the server loads its model (seen: a second
+    server's gloo listener): the start is made again on another port instead of waiting out the timeout."""
+    import alp_megatron.rollout.server as server_module
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:  # listens, never answers
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(16)
+        taken = holder.getsockname()[1]
+        picks = iter([taken])
+        real_free_port = server_module.free_port
+        monkeypatch.setattr(server_module, "free_port", lambda host: next(picks, None) or real_free_port(host))
+        server = SGLangServer(server_config(model_dirs["v0"], log_dir=str(tmp_path)))
+        try:
+            server.start()
+            first_group = server.pid
+            server.wait_healthy()
+            assert server.port != taken and EngineControl(server.url).health()
+            assert not group_running(first_group)  # the first launch was stopped, not left behind
+            with open(tmp_path / f"sglang-{taken}.log", errors="replace") as log:
+                assert "address already in use" in log.read()
+        finally:
+            server.stop()
 
 
 @pytest.mark.parametrize("fields, field_name", [
