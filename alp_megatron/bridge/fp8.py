@@ -13,7 +13,10 @@ router (``mlp.gate``, ``shared_expert_gate``; SGLang builds them with ``quant_co
 and so do the linears the served checkpoint's ``ignored_layers`` cover (:func:`served_ignored_layers`).
 
 ``scale_format="ue8m0"`` rounds each scale up to a power of two, as DeepGEMM's ``per_block_cast_to_fp8``
-does (Blackwell's UE8M0 scale format); the default keeps the exact fp32 scale of FP8 checkpoints.
+does (Blackwell's UE8M0 scale format); the default keeps the exact fp32 scale of FP8 checkpoints. Not
+verified: updating an engine that runs DeepGEMM's UE8M0 mode (sm100/sm120). After its first load SGLang
+0.5.23 repacks such an engine's scales into another layout (``format_ue8m0``) and splits merged scales by
+it, so an update in the checkpoint layout sent here may not fit; on Hopper (sm90) that mode is off.
 """
 
 from __future__ import annotations
@@ -62,11 +65,12 @@ def _ceil_to_power_of_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blocked(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """``[..., n, k]`` zero-padded to whole blocks and viewed as ``[..., n_blocks, bn, k_blocks, bk]``."""
+    """``[..., n, k]`` as fp32, zero-padded to whole blocks and viewed as ``[..., n_blocks, bn, k_blocks, bk]``
+    (a new tensor, free to be changed in place)."""
     bn, bk = block
     *batch, n, k = x.shape
     nb, kb = -(-n // bn), -(-k // bk)
-    padded = x.new_zeros(*batch, nb * bn, kb * bk)
+    padded = x.new_zeros(*batch, nb * bn, kb * bk, dtype=torch.float32)
     padded[..., :n, :k] = x
     return padded.view(*batch, nb, bn, kb, bk)
 
@@ -85,12 +89,14 @@ def quantize_blockwise(
     if scale_format not in SCALE_FORMATS:
         raise ValueError(f"scale_format {scale_format!r} is not one of {SCALE_FORMATS}")
     *batch, n, k = weight.shape
-    blocks = _blocked(weight.float(), block)
+    # One fp32 copy of the weight is changed in place; beside it only |block| for the amax (peak: two fp32
+    # copies, which matters for a large weight on the trainer's GPU).
+    blocks = _blocked(weight, block)
     amax = blocks.abs().amax(dim=(-3, -1), keepdim=True).clamp(min=_AMAX_FLOOR)
     scale = amax / E4M3_MAX
     if scale_format == "ue8m0":
         scale = _ceil_to_power_of_two(scale)
-    q = (blocks / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = blocks.div_(scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     q = q.view(*batch, blocks.shape[-4] * block[0], blocks.shape[-2] * block[1])[..., :n, :k].contiguous()
     return q, scale.squeeze(-1).squeeze(-2).contiguous()
 

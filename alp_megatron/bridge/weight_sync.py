@@ -317,7 +317,8 @@ class WeightSync:
 
     def _check_tp_sizes(self) -> None:
         """Once: every engine's tensor-parallel size is the one its :class:`EngineSpec` declares (a payload per
-        TP rank, and the broadcast group's size, depend on it)."""
+        TP rank, and the broadcast group's size, depend on it), and a transport that addresses engine ranks by
+        TP rank alone meets no engine whose ranks that does not tell apart."""
         if self._tp_checked:
             return
         answers = self._each(lambda e: e.control.server_info())
@@ -330,7 +331,26 @@ class WeightSync:
                 raise ConfigError(f"weight_sync.engines[{i}].tp_size",
                                   f"is {engine.tp_size}, but {engine.url} runs with --tp-size {served}",
                                   f"set it to {served}")
+            layout = ranks_beyond_tp(answer)
+            if layout and self.transport.per_tp_rank:
+                raise ConfigError("weight_sync.transport",
+                                  f"the {self.transport.name} transport addresses each engine rank by its TP rank, "
+                                  f"but {engine.url} runs {layout}, whose ranks share TP ranks",
+                                  "serve each data-parallel replica as a server of its own (behind the router) "
+                                  "without pipeline parallelism, or use weight_sync.transport=disk")
         self._tp_checked = True
+
+
+def ranks_beyond_tp(server_info: dict) -> Optional[str]:
+    """How an engine's ranks go beyond tensor parallelism, from its ``/server_info`` (None when they do not):
+    pipeline stages, or data-parallel replicas inside one server (DP attention splits the TP ranks instead)."""
+    pp_size = server_info.get("pp_size") or 1
+    dp_size = server_info.get("dp_size") or 1
+    if pp_size > 1:
+        return f"--pp-size {pp_size}"
+    if dp_size > 1 and not server_info.get("enable_dp_attention"):
+        return f"--dp-size {dp_size}"
+    return None
 
 
 class ManifestError(TransportError):

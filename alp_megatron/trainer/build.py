@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -14,7 +15,7 @@ from alp_megatron.config_loading import to_dict
 from alp_megatron.errors import AlpError
 from alp_megatron.trainer.checkpoint import find_latest_checkpoint, load_checkpoint
 from alp_megatron.trainer.policy import Policy
-from alp_megatron.trainer.weight_update import TrainerWeightSync
+from alp_megatron.trainer.weight_update import TrainerWeightSync, check_transport_reaches_engines
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def build_run(config, resume: bool) -> RunState:
     from alp_megatron.trainer.metrics import MetricsLogger
     from alp_megatron.trainer.schedule import OneStepOff, Synchronous
 
+    check_transport_reaches_engines(config.weight_sync.transport, config.rollout.mode, torch.cuda.is_available())
     out = config.run.output_dir
     checkpoint_dir = os.path.join(out, "checkpoints")
     latest = find_latest_checkpoint(checkpoint_dir)

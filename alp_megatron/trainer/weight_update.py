@@ -14,9 +14,20 @@ from typing import Iterable, Iterator, Optional
 import torch.distributed as dist
 
 from alp_megatron.bridge.weight_sync import EngineSpec, WeightSync, WeightSyncConfig, WeightSyncError
-from alp_megatron.errors import AlpError
+from alp_megatron.errors import AlpError, ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+def check_transport_reaches_engines(transport: str, rollout_mode: str, cuda_available: bool) -> None:
+    """Refuse ``distributed`` over NCCL (it is NCCL wherever CUDA is) into colocated engines: they run on the
+    trainer's GPUs, and NCCL refuses a group with two ranks on one GPU."""
+    if transport == "distributed" and rollout_mode == "colocated" and cuda_available:
+        raise ConfigError("weight_sync.transport",
+                          "distributed (an NCCL group) cannot reach colocated engines: they share the trainer's "
+                          "GPUs, and NCCL refuses two ranks of one group on one GPU",
+                          "use weight_sync.transport=tensor (CUDA IPC) with rollout.mode=colocated, or run the "
+                          "engines on GPUs of their own (rollout.mode=disaggregated)")
 
 
 class _Drainable:

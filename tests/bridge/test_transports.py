@@ -22,7 +22,7 @@ from alp_megatron.bridge.transports import (
     make_transport,
 )
 from alp_megatron.bridge.verify import verify_update
-from alp_megatron.bridge.weight_sync import EngineSpec, WeightSync, WeightSyncConfig, WeightSyncError
+from alp_megatron.bridge.weight_sync import EngineSpec, WeightSync, WeightSyncConfig, WeightSyncError, ranks_beyond_tp
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.process import free_port
@@ -115,6 +115,10 @@ def references(models):
 
 
 def _sync_config(server, transport, **fields):
+    if transport == "distributed":
+        # The gloo branch, also where a GPU exists: NCCL refuses a group with two ranks on one GPU, and the
+        # test server shares the trainer's (the GPU tests below put the engine on another GPU).
+        fields["transport_options"] = {"backend": "gloo", **fields.get("transport_options", {})}
     return WeightSyncConfig(engines=[EngineSpec(server.url)], transport=transport, retry_wait_s=0.1, **fields)
 
 
@@ -241,6 +245,19 @@ def test_a_wrong_tp_size_is_named_before_anything_changes(server, models):
     assert control.weight_version() == version and not _paused(server.url)
 
 
+def test_engines_whose_ranks_share_tp_ranks_are_told_apart(server):
+    """The tensor and distributed transports address an engine's ranks by TP rank alone; pipeline stages and
+    data-parallel replicas inside one server share TP ranks, and are read from /server_info (which SGLang
+    0.5.23 fills in, so the check is not vacuous)."""
+    info = EngineControl(server.url).server_info()
+    assert info["pp_size"] == 1 and info["dp_size"] == 1 and "enable_dp_attention" in info
+    assert ranks_beyond_tp(info) is None
+    assert ranks_beyond_tp({**info, "pp_size": 2}) == "--pp-size 2"
+    assert ranks_beyond_tp({**info, "dp_size": 4}) == "--dp-size 4"
+    assert ranks_beyond_tp({**info, "dp_size": 4, "enable_dp_attention": True}) is None  # splits the TP ranks
+    assert [make_transport(name).per_tp_rank for name in ("tensor", "distributed", "disk")] == [True, True, False]
+
+
 def test_unreachable_engine_is_named_and_nothing_is_applied(server, models, references):
     """With a dead engine in the list, the error names its URL; the live engine is left as it was: old
     weights, old version, no weight-update session left open, generation not paused."""
@@ -349,7 +366,10 @@ requires_gpu = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def gpu_server(models, tmp_path_factory):
-    with launch_server(models[0], device="cuda", log_dir=str(tmp_path_factory.mktemp("gpu-logs"))) as server:
+    """A GPU engine; on the second GPU where there is one (the trainer's tensors live on the first)."""
+    other_gpu = ("--base-gpu-id", "1") if torch.cuda.device_count() > 1 else ()
+    with launch_server(models[0], other_gpu, device="cuda",
+                       log_dir=str(tmp_path_factory.mktemp("gpu-logs"))) as server:
         yield server
 
 
@@ -357,11 +377,15 @@ def gpu_server(models, tmp_path_factory):
 @pytest.mark.parametrize("transport,seed", [("tensor", 1), ("distributed", 2)])
 def test_gpu_transport_updates_engine(gpu_server, models, references, transport, seed):
     """CUDA IPC (tensor) and NCCL (distributed) from CUDA tensors into a GPU engine."""
+    if transport == "distributed" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs the engine on another GPU than the trainer (it refuses two ranks of one group "
+                    "on one device); this machine has one GPU")
     tensors = {name: t.cuda() for name, t in load_tensors(models[seed]).items()}
-    with WeightSync(_sync_config(gpu_server, transport)) as sync:
+    with WeightSync(WeightSyncConfig(engines=[EngineSpec(gpu_server.url)], transport=transport,
+                                     retry_wait_s=0.1)) as sync:
         sync.sync(buckets_of(tensors), f"gpu-{transport}")
-    if transport == "distributed":
-        assert sync.transport.backend == "nccl"
+        if transport == "distributed":
+            assert sync.transport.backend == "nccl"
     _assert_serves(gpu_server, references[seed], f"gpu-{transport}")
 
 
@@ -419,7 +443,7 @@ def test_distributed_refused_bucket_fails_fast_and_the_group_is_rebuilt(server, 
     from alp_megatron.bridge.transports import EngineTarget, TransportError
     from alp_megatron.bridge.transports.distributed import DistributedTransport, DistributedTransportConfig
 
-    transport = DistributedTransport(DistributedTransportConfig(timeout_s=120))
+    transport = DistributedTransport(DistributedTransportConfig(backend="gloo", timeout_s=120))
     transport.connect([EngineTarget(EngineControl(server.url))])
     bucket = next(iter(buckets_of(load_tensors(models[2]))()))
     start = time.monotonic()

@@ -123,6 +123,18 @@ def test_unknown_or_ill_typed_config_fields_fail_at_start(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_distributed_into_colocated_engines_is_refused_where_it_would_be_nccl():
+    from alp_megatron.errors import ConfigError
+    from alp_megatron.trainer.weight_update import check_transport_reaches_engines
+
+    with pytest.raises(ConfigError, match="weight_sync.transport") as caught:
+        check_transport_reaches_engines("distributed", "colocated", cuda_available=True)
+    assert "NCCL" in str(caught.value) and "transport=tensor" in str(caught.value)
+    check_transport_reaches_engines("distributed", "colocated", cuda_available=False)  # gloo, as on CPU
+    check_transport_reaches_engines("distributed", "disaggregated", cuda_available=True)
+    check_transport_reaches_engines("tensor", "colocated", cuda_available=True)
+
+
 def test_an_unreachable_engine_is_named(tmp_path):
     result = _cli("--config", CONFIG, "--output-dir", str(tmp_path / "run"), *SMALL, "parallel.tensor_parallel=1",
                   "rollout.mode=disaggregated", "rollout.server_urls=[http://127.0.0.1:9]")

@@ -52,10 +52,13 @@ class WeightTransport(Protocol):
 
     ``requires_session`` says whether the pushes must run between ``begin_weight_update`` and
     ``end_weight_update`` on every engine (SGLang 0.5.23 refuses tensor and distributed updates outside one).
+    ``per_tp_rank`` says whether each engine rank is addressed by its TP rank alone (a payload per TP rank, a
+    group rank per TP rank), which engines with pipeline or data parallelism inside one server break.
     """
 
     name: str
     requires_session: bool
+    per_tp_rank: bool
 
     def connect(self, engines: Sequence[EngineTarget]) -> None:
         """Prepare the pushes to ``engines`` (a process group, a staging folder); cheap when already done."""

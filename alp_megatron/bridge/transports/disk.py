@@ -61,6 +61,7 @@ class DiskTransport:
 
     name = "disk"
     requires_session = False
+    per_tp_rank = False
 
     def __init__(self, config: DiskTransportConfig = DiskTransportConfig()):
         self.config = config

@@ -8,6 +8,11 @@ request (``load_format="flattened_bucket"``: names, dtypes and shapes describe o
 those requests are in flight, the trainer broadcasts the flattened bucket once to all of them. NCCL on GPU,
 gloo on CPU. The group is built at the first :meth:`connect` and reused by later syncs to the same engines;
 :meth:`close` destroys it on both sides (the driver closes it after a failed sync, so a retry builds a new one).
+
+NCCL refuses a group with two ranks on one GPU, so over NCCL the engines must run on other GPUs than the
+trainer's rank 0 (disaggregated; a colocated run is refused at start and takes the ``tensor`` transport).
+Each engine rank is addressed by its TP rank, so engines must run without pipeline or (non-attention) data
+parallelism, which :class:`~alp_megatron.bridge.weight_sync.WeightSync` checks at the first sync.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class DistributedTransport:
 
     name = "distributed"
     requires_session = True
+    per_tp_rank = True
 
     def __init__(self, config: DistributedTransportConfig = DistributedTransportConfig()):
         self.config = config
@@ -172,12 +178,13 @@ class DistributedTransport:
                 "engine (weight_sync.distributed.master_address / master_port) and check the engines' logs")
         self._group, self._group_name = created["group"], name
 
-    def _wait(self, futures: dict[str, Future], done, what: str) -> list[Exception]:
-        """Wait until ``done()`` and all ``futures`` finish, or one future fails; return the failures."""
+    def _wait(self, futures: dict[str, Future], done, what: str, given_up=lambda: False) -> list[Exception]:
+        """Wait until ``done()`` and all ``futures`` finish, or one future fails, or ``given_up()``; return the
+        failures."""
         deadline = time.monotonic() + self.config.timeout_s
         while True:
             failures = [f.exception() for f in futures.values() if f.done() and f.exception() is not None]
-            if failures:
+            if failures or given_up():
                 return failures
             if done() and all(f.done() for f in futures.values()):
                 return []
@@ -202,16 +209,17 @@ class DistributedTransport:
             engine.control.update_weights_from_distributed, names, dtypes, shapes, group_name=self._group_name,
             load_format="flattened_bucket", weight_version=weight_version, flush_cache=flush_cache)
             for engine in self._engines}
-        work = torch.distributed.broadcast(flat, group=self._group, group_src=0, async_op=True)
-        failures = self._wait(requests, work.is_completed, what=f"broadcasting the {describe(bucket)}")
-        if failures:
+        broadcaster, outcome = _broadcast_in_background(flat, self._group)
+        failures = self._wait(requests, lambda: not broadcaster.is_alive(),
+                              what=f"broadcasting the {describe(bucket)}", given_up=lambda: "error" in outcome)
+        if failures or "error" in outcome:
             # A refused request leaves its engine out of the broadcast, which then never completes: the
             # group is unusable, and the driver's close() destroys it.
             urls = [e.url for e in failures if isinstance(e, EngineError)]
+            causes = failures or [f"trainer side: {outcome['error']}"]
             raise TransportError(
                 f"distributed transport: the {describe(bucket)} did not reach {urls or 'every engine'}: "
-                + "; ".join(str(e) for e in failures))
-        work.wait()
+                + "; ".join(str(e) for e in causes))
 
     def commit(self, weight_version: str, flush_cache: bool = True) -> None:
         """Nothing to do: each broadcast is loaded by the engines when their requests return."""
@@ -219,16 +227,17 @@ class DistributedTransport:
     # ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Destroy the group on every engine (best effort: an engine may be gone) and on the trainer."""
+        """Destroy the group on every engine (best effort: an engine may be gone) and on the trainer, both
+        sides at once (a backend whose teardown waits for its peers would otherwise wait on itself)."""
         if self._group is not None:
             destroys = {engine.url: self._pool.submit(engine.control.destroy_weights_update_group, self._group_name)
                         for engine in self._engines}
+            self._destroy_local(self._group)
             for url, future in destroys.items():
                 try:
                     future.result(timeout=60)
                 except Exception as error:
                     logger.warning("could not destroy weight group %s on %s: %s", self._group_name, url, error)
-            self._destroy_local(self._group)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._staging.release()
@@ -240,3 +249,30 @@ class DistributedTransport:
             torch.distributed.destroy_process_group(group)
         except Exception as error:
             logger.warning("could not destroy the trainer side of a weight group: %s", error)
+
+
+def _broadcast_in_background(flat: torch.Tensor, group) -> tuple[threading.Thread, dict]:
+    """Broadcast ``flat`` from rank 0 of ``group`` on a thread of its own; its error, if any, lands in the
+    returned dict under ``"error"``.
+
+    Not on the caller's thread: the first collective of a NCCL group also builds the group's communicator,
+    and that call blocks until every rank has joined, so an engine that refused its request would hang
+    the caller instead of failing the push. The thread works on the tensor's CUDA device and ends when the
+    broadcast has completed.
+    """
+    outcome: dict = {}
+    device = flat.device if flat.is_cuda else None
+
+    def run() -> None:
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            torch.distributed.broadcast(flat, group=group, group_src=0, async_op=True).wait()
+            if device is not None:  # wait() only orders the stream: the thread ends when the bytes are sent
+                torch.cuda.current_stream(device).synchronize()
+        except Exception as error:  # reported by push()
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="weights-dist-broadcast", daemon=True)
+    thread.start()
+    return thread, outcome

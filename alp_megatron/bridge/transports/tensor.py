@@ -72,6 +72,7 @@ class TensorTransport:
 
     name = "tensor"
     requires_session = True
+    per_tp_rank = True
 
     def __init__(self, config: TensorTransportConfig = TensorTransportConfig()):
         self.config = config
@@ -105,11 +106,15 @@ class TensorTransport:
                 torch.cuda.ipc_collect()
 
     def commit(self, weight_version: str, flush_cache: bool = True) -> None:
-        """Nothing to do: each push is loaded by the engine when its request returns."""
+        """Each push is loaded by the engine when its request returns. What is left is the last bucket's
+        CUDA buffer: an engine with TP > 1 may still have held it (its ranks release their views after a
+        barrier) when that push collected, so it is collected again here."""
+        _collect_cuda_ipc()
 
     def close(self) -> None:
         self._engines = []
         self._shared.release()
+        _collect_cuda_ipc()
 
     # ---------------------------------------------------------------------------------------------
 
@@ -156,3 +161,9 @@ class TensorTransport:
             raise TransportError(
                 f"tensor transport: {len(errors)} engines refused the {describe(bucket)}: "
                 + "; ".join(str(e) for e in errors))
+
+
+def _collect_cuda_ipc() -> None:
+    """Free the CUDA buffers the engines have let go of (none without CUDA in use)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()
