@@ -159,8 +159,6 @@ class Actor:
 
     def train(self, batch: TrainingBatch) -> ActorReport:
         """K optimizer steps on ``batch`` (identical on every rank). Returns what happened, on every rank."""
-        from megatron.core import parallel_state
-
         shares = self._rank_share(batch)
         local = TrainingBatch(**{name: torch.cat([getattr(s, name) for s in shares])
                                  for name in ("tokens", "targets", "position_ids", "loss_mask",

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from concurrent.futures import Future
-from typing import Optional, Sequence
+from typing import Sequence
 
 from alp_megatron.rollout.client import ClientConfig, RolloutClient
 from alp_megatron.rollout.engine_control import EngineControl

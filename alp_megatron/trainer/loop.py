@@ -12,7 +12,7 @@ import time
 
 import torch.distributed as dist
 
-from alp_megatron.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from alp_megatron.trainer.checkpoint import save_checkpoint
 from alp_megatron.trainer.samples import pack_training_batch, score_rollout
 from alp_megatron.trainer.build import RunState, build_run
 
