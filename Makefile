@@ -7,7 +7,7 @@ VENV ?= .venv
 VENV312 ?= .venv312
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-main test-megatron-019 clean
+.PHONY: venv environments demo test test-main test-megatron-019 clean
 
 $(VENV)/.installed: setup.py launch/sglang-cpu-requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m alp_megatron.demo
 
-test: test-main test-megatron-019
+test: environments test-main test-megatron-019
+
+# Both environments at once: each is a mostly single-threaded pip, so side by side they take the time of one.
+environments:
+	$(MAKE) -j2 $(VENV)/.installed $(if $(PYTHON312),$(VENV312)/.installed)
 
 test-main: venv
 	$(PY) -m pytest -q --durations=25
