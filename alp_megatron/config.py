@@ -105,13 +105,16 @@ class RolloutSection:
     """``mode``: ``colocated`` (SGLang on the trainer's GPUs; it releases memory while Megatron trains) or
     ``disaggregated`` (SGLang elsewhere: ``server_urls`` when started outside, else launched here).
     ``one_step_off``: overlap the rollout of step k+1 with training of step k (disaggregated only).
-    ``servers``: SGLang servers to launch (each ``server_tp_size`` GPUs); ``router``: put sglang-router in
+    ``servers``: SGLang servers to launch (each ``server_tp_size`` GPUs, side by side from
+    ``server_first_gpu``: None means GPU 0 when colocated, the first GPU after this node's trainer ranks when
+    disaggregated); ``router``: put sglang-router in
     front (``router_url``: a router started outside, in front of ``server_urls``). ``server_dtype``: the engine's dtype (lower than the trainer's = controlled mismatch)."""
 
     mode: str = "colocated"
     one_step_off: bool = False
     servers: int = 1
     server_tp_size: int = 1
+    server_first_gpu: Optional[int] = None
     server_dtype: str = "auto"
     server_mem_fraction: Optional[float] = None
     server_extra_args: tuple[str, ...] = ()
@@ -140,6 +143,9 @@ class RolloutSection:
         if self.engine_temperature is not None and not self.engine_temperature > 0:
             raise ConfigError("rollout.engine_temperature", f"must be > 0, got {self.engine_temperature}",
                               "use e.g. 1.1 for a controlled mismatch, or null for none")
+        if self.server_first_gpu is not None and self.server_first_gpu < 0:
+            raise ConfigError("rollout.server_first_gpu", f"{self.server_first_gpu} is not a GPU index",
+                              "use 0, 1, ... or null for the default placement")
         if self.servers < 1 and not self.server_urls:
             raise ConfigError("rollout.servers", "must be >= 1", "launch at least one SGLang server")
 

@@ -19,7 +19,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import requests
 
@@ -43,8 +43,20 @@ def is_loopback(host: str) -> bool:
 # bind to port 0, every outgoing connection and every gloo listener, so a port picked there may be taken by
 # then: an SGLang scheduler starting beside a second server was seen listening (gloo) on the HTTP port that
 # had been picked for that server. Picks come from below the ephemeral range instead, and below the range
-# SGLang picks its own internal ports from (22000-29999).
+# SGLang picks its own internal ports from (22000-29999). Where the ephemeral range starts lower, the picks
+# stay below it; where too few ports are left, the OS picks.
 PICK_PORT_RANGE = (10000, 21999)
+
+
+def pick_port_range() -> tuple[int, int]:
+    """:data:`PICK_PORT_RANGE`, cut below this host's ephemeral range (``ip_local_port_range``)."""
+    low, high = PICK_PORT_RANGE
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            ephemeral_low = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return low, high
+    return low, min(high, ephemeral_low - 1)
 
 
 def _bind_free(host: str, port: int) -> bool:
@@ -58,12 +70,14 @@ def _bind_free(host: str, port: int) -> bool:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports on ``host`` that nothing uses right now, from :data:`PICK_PORT_RANGE`
-    (at random, so that separate processes rarely pick the same one); the OS picks when that range is full."""
-    low, high = PICK_PORT_RANGE
+    """``count`` distinct TCP ports on ``host`` that nothing uses right now, from :func:`pick_port_range`
+    (at random, so that separate processes rarely pick the same one); the OS picks when that range is full
+    or holds fewer than 1000 ports."""
+    low, high = pick_port_range()
     chooser = random.SystemRandom()  # never the seeded global generator: ranks seeded alike would collide
     picked: list[int] = []
-    for port in chooser.sample(range(low, high + 1), min(high - low + 1, 64 * count)):
+    candidates = range(low, high + 1) if high - low + 1 >= 1000 else range(0)
+    for port in chooser.sample(candidates, min(len(candidates), 64 * count)):
         if len(picked) == count:
             break
         if _bind_free(host, port):
@@ -243,11 +257,12 @@ class ManagedProcess:
         try:  # not a with-block: leaving it would wait for a hanging check
             check = None
             while time.monotonic() < deadline:
-                if not self.is_alive():
-                    return f"exited with code {self.returncode()} before becoming healthy"
+                alive = self.is_alive()  # before the log is read: an exit's last words are in the log then
                 self.start_failure = self._start_failure_in_log()
                 if self.start_failure is not None:
                     return f"failed to start; its log says: {self.start_failure}"
+                if not alive:
+                    return f"exited with code {self.returncode()} before becoming healthy"
                 if check is None:
                     check = pool.submit(requests.get, url + path, headers=headers, timeout=10)
                     next_check = time.monotonic() + 0.5
@@ -369,13 +384,12 @@ def group_running(group: int) -> bool:
     return bool(group_members(group))
 
 
-def group_members(group: int) -> list[int]:
-    """The process ids of ``group`` that still run (Linux ``/proc``; zombies do not count)."""
-    members = []
+def _running_processes() -> Iterator[tuple[int, int, int, int]]:
+    """``(pid, ppid, process group, session)`` of every process that runs (Linux ``/proc``; not zombies)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return members
+        return
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -384,10 +398,34 @@ def group_members(group: int) -> list[int]:
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # fields after the command name: state, ppid, pgrp, ...
-        if int(fields[2]) == group and fields[0] != "Z":
-            members.append(int(entry))
-    return members
+        # fields after the command name: state, ppid, pgrp, session, ...
+        if fields[0] != "Z":
+            yield int(entry), int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def group_members(group: int) -> list[int]:
+    """The process ids of ``group`` that still run (Linux ``/proc``; zombies do not count)."""
+    return [pid for pid, _, pgrp, _ in _running_processes() if pgrp == group]
+
+
+def stop_unrecorded_launches() -> list[int]:
+    """SIGKILL the process group of every child of this process that leads a session of its own and is no
+    :class:`ManagedProcess` known here: a launch that a signal handler's exception cut off between its fork
+    and its record. Returns those group ids. Only for programs whose every such child is a launch of this
+    module (other libraries may start sessions too)."""
+    recorded = {process.pid for process in _live}
+    stopped = []
+    for pid in session_leading_children(os.getpid()):
+        if pid not in recorded:
+            logger.warning("stopping process group %d, launched here but never recorded", pid)
+            _signal_group(pid, signal.SIGKILL)
+            stopped.append(pid)
+    return stopped
+
+
+def session_leading_children(parent: int) -> list[int]:
+    """The running children of ``parent`` that lead a session of their own (launches of this module)."""
+    return [pid for pid, ppid, _, session in _running_processes() if ppid == parent and session == pid]
 
 
 def group_shared_memory(group: int) -> set[str]:

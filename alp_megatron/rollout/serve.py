@@ -14,6 +14,7 @@ import sys
 import threading
 
 from alp_megatron.errors import AlpError
+from alp_megatron.rollout.process import stop_unrecorded_launches
 from alp_megatron.rollout.server import ServerConfig, SGLangServer
 
 
@@ -55,11 +56,7 @@ def main(argv=None) -> int:
             model_path=args.model_path, port=args.port, host=args.host, api_key=args.api_key,
             tp_size=args.tp_size, dtype=args.dtype, weight_version=args.weight_version, extra_args=tuple(extra),
             log_dir=args.log_dir, startup_timeout_s=args.startup_timeout))
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # not between the fork and the launcher being recorded
-        try:
-            server.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a signal held back arrives here
+        server.start()
         server.wait_healthy()
         starting.clear()
     except AlpError as error:
@@ -69,6 +66,10 @@ def main(argv=None) -> int:
         print("serve: stopped while the server was starting", file=sys.stderr)
         if server is not None:
             server.stop()
+        # A signal between a launch's fork and its record leaves a launcher nothing knows of. (Holding the
+        # signals back around the launch instead would start the server with them blocked: a child inherits
+        # its parent's signal mask.)
+        stop_unrecorded_launches()
         return 0
     print(f"SGLang server ready at {server.url} (log {server.log_path})", flush=True)
     try:

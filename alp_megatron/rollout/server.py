@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ _OWNED_FLAGS = {
     "--model-path": "model_path", "--model": "model_path", "--port": "port", "--host": "host",
     "--tp-size": "tp_size", "--tensor-parallel-size": "tp_size", "--dtype": "dtype", "--device": "device",
     "--mem-fraction-static": "mem_fraction", "--weight-version": "weight_version", "--api-key": "api_key",
+    "--base-gpu-id": "base_gpu_id",
 }
 
 
@@ -44,7 +46,9 @@ class ServerConfig:
     """How to launch one SGLang server.
 
     ``port=0`` picks a free port at the first start (kept across restarts); ``device=None`` means
-    cuda when available, else cpu; ``mem_fraction`` is SGLang's ``--mem-fraction-static``;
+    cuda when available, else cpu; ``base_gpu_id``: the first of the ``tp_size`` GPUs the server takes
+    (SGLang's ``--base-gpu-id``; None: SGLang's default, GPU 0; ignored on CPU); ``mem_fraction`` is SGLang's
+    ``--mem-fraction-static``;
     ``extra_args`` are passed to ``sglang.launch_server`` verbatim; ``log_dir=None`` uses a temp folder.
     """
 
@@ -54,6 +58,7 @@ class ServerConfig:
     tp_size: int = 1
     dtype: str = "auto"
     device: Optional[str] = None
+    base_gpu_id: Optional[int] = None
     mem_fraction: Optional[float] = None
     weight_version: str = "v0"
     api_key: Optional[str] = None
@@ -81,6 +86,8 @@ class ServerConfig:
         _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not supported", f"use one of {DTYPES}")
         _require(self.device is None or self.device in DEVICES, "device", f"{self.device!r} is not supported",
                  f"use one of {DEVICES}, or None to pick cuda when available")
+        _require(self.base_gpu_id is None or (isinstance(self.base_gpu_id, int) and self.base_gpu_id >= 0),
+                 "base_gpu_id", f"{self.base_gpu_id!r} is not a GPU index", "use 0, 1, ... or None for GPU 0")
         _require(self.mem_fraction is None or (isinstance(self.mem_fraction, (int, float))
                                                and 0.0 < self.mem_fraction < 1.0),
                  "mem_fraction", f"{self.mem_fraction!r} is not a fraction in (0, 1)",
@@ -139,7 +146,10 @@ class SGLangServer(ManagedService):
         return self._port
 
     def pick_port(self, avoid: Sequence[int] = ()) -> int:
-        """Pick a free port for a server not started yet whose config leaves the port open (``port=0``)."""
+        """Pick a free port, none of ``avoid``, for a server whose config leaves the port open (``port=0``)
+        and that has not served yet."""
+        if self.config.port or self._was_healthy:
+            raise RuntimeError(f"SGLang server {self.url} keeps its port")
         host = self.config.host if self.config.host != "localhost" else "127.0.0.1"
         port = free_port(host)
         while port in avoid:
@@ -147,20 +157,23 @@ class SGLangServer(ManagedService):
         self._port = port
         return port
 
-    def wait_healthy(self, timeout: Optional[float] = None) -> "SGLangServer":
+    def wait_healthy(self, timeout: Optional[float] = None, avoid_ports: Sequence[int] = ()) -> "SGLangServer":
         """As :meth:`ManagedService.wait_healthy`; and when the port was picked here and another process took
-        it before the server bound it (see patches/sglang.py), the first start is made again on a new port.
-        A configured port that is taken, or a taken port after the server has served, is an error."""
+        it before the server bound it (see patches/sglang.py), the first start is made once more on a new
+        port, none of ``avoid_ports`` (those of servers starting beside it), with a fresh ``timeout``. A
+        configured port that is taken, or a taken port after the server has served, is an error."""
         try:
             super().wait_healthy(timeout)
         except ServerStartError:
             failure = (self._process.start_failure if self._process is not None else None) or ""
-            if self.config.port or self._was_healthy or sglang_patch.PORT_TAKEN_LOG_LINE not in failure:
-                raise
             taken = self._port
-            self.pick_port(avoid=(taken,))
-            logger.warning("port %d was taken by another process before SGLang bound it; starting the server "
-                           "again on port %d", taken, self._port)
+            lost_port = sglang_patch.PORT_TAKEN_LOG_LINE in failure and re.search(rf"\b{taken}\b", failure)
+            if self.config.port or self._was_healthy or not lost_port:
+                raise
+            first_log = self.log_path
+            self.pick_port(avoid=(taken, *avoid_ports))
+            logger.warning("port %d was taken by another process before SGLang bound it (%s); starting the "
+                           "server again on port %d", taken, first_log, self._port)
             self.start()
             super().wait_healthy(timeout)
         self._was_healthy = True
@@ -187,6 +200,8 @@ class SGLangServer(ManagedService):
             "--tp-size", str(cfg.tp_size), "--dtype", cfg.dtype, "--device", device,
             "--weight-version", cfg.weight_version,
         ]
+        if cfg.base_gpu_id is not None and device == "cuda":
+            cmd += ["--base-gpu-id", str(cfg.base_gpu_id)]
         if cfg.mem_fraction is not None:
             cmd += ["--mem-fraction-static", str(cfg.mem_fraction)]
         if cfg.api_key:
@@ -228,7 +243,7 @@ def start_servers(configs: Sequence[ServerConfig], timeout: Optional[float] = No
         for server in servers:
             server.start()
         for server in servers:
-            server.wait_healthy(timeout)
+            server.wait_healthy(timeout, avoid_ports=picked)
     except BaseException:
         stop_servers(servers)
         raise

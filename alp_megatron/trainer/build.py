@@ -175,7 +175,8 @@ def build_run(config, resume: bool) -> RunState:
 
             batches.restore(DataPosition.from_dict(trainer_state["data_position"]))
         engines = RolloutEngines(config.rollout, hf_dir, server_log_dir(out), f"v{weight_version}",
-                                 policy.arch.vocab_size)
+                                 policy.arch.vocab_size,
+                                 trainer_gpus_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         urls, tp_sizes = engines.worker_urls, engines.engine_tp_sizes
         first_group = trainer_state.get("next_group_id", 0)
         schedule = (OneStepOff(engines, batches, first_group) if config.rollout.one_step_off else

@@ -12,8 +12,9 @@ import logging
 import os
 import threading
 from concurrent.futures import Future
-from typing import Sequence
+from typing import Optional, Sequence
 
+from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.client import ClientConfig, RolloutClient
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.router import RouterConfig, SGLangRouter
@@ -24,10 +25,32 @@ from alp_megatron.rollout.types import RolloutBatch
 logger = logging.getLogger(__name__)
 
 
-class RolloutEngines:
-    """Servers + router + sampler of a run. ``submit`` starts a rollout and returns a Future at once."""
+def launched_server_gpus(rollout_config, trainer_gpus_on_node: int, visible_gpus: int) -> list[Optional[int]]:
+    """The first GPU of each server launched here (``--base-gpu-id``; None for all without GPUs): side by side
+    from ``rollout.server_first_gpu``, by default 0 when colocated (the servers share the trainer's GPUs) and
+    just after the trainer ranks of this node when disaggregated. A placement beyond the visible GPUs is an
+    error naming the fields."""
+    servers, tp_size = rollout_config.servers, rollout_config.server_tp_size
+    if visible_gpus == 0:
+        return [None] * servers
+    first = rollout_config.server_first_gpu
+    if first is None:
+        first = 0 if rollout_config.mode == "colocated" else trainer_gpus_on_node
+    if first + servers * tp_size > visible_gpus:
+        raise ConfigError("rollout.servers",
+                          f"{servers} server(s) x server_tp_size {tp_size} GPUs from GPU {first} need GPUs up to "
+                          f"{first + servers * tp_size - 1}, but {visible_gpus} are visible",
+                          "launch fewer or smaller servers, set rollout.server_first_gpu, or (disaggregated) run "
+                          "the servers elsewhere and list them in rollout.server_urls")
+    return [first + i * tp_size for i in range(servers)]
 
-    def __init__(self, rollout_config, model_path: str, log_dir: str, weight_version: str, vocab_size: int):
+
+class RolloutEngines:
+    """Servers + router + sampler of a run. ``submit`` starts a rollout and returns a Future at once.
+    ``trainer_gpus_on_node``: how many trainer ranks (GPUs) this node runs, for the servers' placement."""
+
+    def __init__(self, rollout_config, model_path: str, log_dir: str, weight_version: str, vocab_size: int,
+                 trainer_gpus_on_node: int = 1):
         self.config = rollout_config
         self.servers, self.router = [], None
         if rollout_config.server_urls:
@@ -35,13 +58,17 @@ class RolloutEngines:
             for url in self.worker_urls:  # fail at start, naming the engine, rather than at the first rollout
                 EngineControl(url, api_key=rollout_config.api_key, timeout_s=30).model_info()
         else:
+            import torch
+
+            first_gpus = launched_server_gpus(rollout_config, trainer_gpus_on_node, torch.cuda.device_count())
             configs = [
                 ServerConfig(model_path=model_path, port=0, host=rollout_config.host, tp_size=rollout_config.server_tp_size,
-                             dtype=rollout_config.server_dtype, mem_fraction=rollout_config.server_mem_fraction,
+                             base_gpu_id=first_gpu, dtype=rollout_config.server_dtype,
+                             mem_fraction=rollout_config.server_mem_fraction,
                              weight_version=weight_version, api_key=rollout_config.api_key,
                              extra_args=rollout_config.server_extra_args, log_dir=log_dir,
                              startup_timeout_s=rollout_config.startup_timeout_s)
-                for _ in range(rollout_config.servers)
+                for first_gpu in first_gpus
             ]
             logger.info("starting %d SGLang server(s) on %s (logs in %s)", len(configs), model_path, log_dir)
             self.servers = start_servers(configs)

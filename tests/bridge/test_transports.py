@@ -366,20 +366,27 @@ requires_gpu = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def gpu_server(models, tmp_path_factory):
-    """A GPU engine; on the second GPU where there is one (the trainer's tensors live on the first)."""
-    other_gpu = ("--base-gpu-id", "1") if torch.cuda.device_count() > 1 else ()
-    with launch_server(models[0], other_gpu, device="cuda",
-                       log_dir=str(tmp_path_factory.mktemp("gpu-logs"))) as server:
+    """A GPU engine on the trainer's GPU (as colocated engines are)."""
+    with launch_server(models[0], device="cuda", log_dir=str(tmp_path_factory.mktemp("gpu-logs"))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def second_gpu_server(models, tmp_path_factory):
+    """A GPU engine on a GPU of its own (NCCL refuses two ranks of one group on one GPU)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs the engine on another GPU than the trainer (it refuses two ranks of one group on "
+                    "one device); this machine has one GPU")
+    with launch_server(models[0], device="cuda", base_gpu_id=1,
+                       log_dir=str(tmp_path_factory.mktemp("gpu-logs-1"))) as server:
         yield server
 
 
 @requires_gpu
 @pytest.mark.parametrize("transport,seed", [("tensor", 1), ("distributed", 2)])
-def test_gpu_transport_updates_engine(gpu_server, models, references, transport, seed):
-    """CUDA IPC (tensor) and NCCL (distributed) from CUDA tensors into a GPU engine."""
-    if transport == "distributed" and torch.cuda.device_count() < 2:
-        pytest.skip("NCCL needs the engine on another GPU than the trainer (it refuses two ranks of one group "
-                    "on one device); this machine has one GPU")
+def test_gpu_transport_updates_engine(request, models, references, transport, seed):
+    """CUDA IPC (tensor) into an engine on the trainer's GPU, NCCL (distributed) into one on another GPU."""
+    gpu_server = request.getfixturevalue("gpu_server" if transport == "tensor" else "second_gpu_server")
     tensors = {name: t.cuda() for name, t in load_tensors(models[seed]).items()}
     with WeightSync(WeightSyncConfig(engines=[EngineSpec(gpu_server.url)], transport=transport,
                                      retry_wait_s=0.1)) as sync:

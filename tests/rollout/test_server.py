@@ -92,6 +92,8 @@ def test_a_picked_port_taken_before_the_server_binds_it_moves_the_first_start_to
     (dict(device="tpu"), "device"),
     (dict(mem_fraction=1.5), "mem_fraction"),
     (dict(extra_args=("--port", "1")), "extra_args"),
+    (dict(extra_args=("--base-gpu-id", "1")), "extra_args"),
+    (dict(base_gpu_id=-1), "base_gpu_id"),
     (dict(model_path="/no/such/model"), "model_path"),
 ])
 def test_config_errors_name_the_field(fields, field_name, tmp_path):
@@ -105,3 +107,60 @@ def test_non_loopback_host_is_allowed_with_api_key(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     config = ServerConfig(model_path=str(tmp_path), host="0.0.0.0", api_key="secret")
     assert config.api_key == "secret"
+
+
+def test_launched_servers_sit_side_by_side_on_their_own_gpus(tmp_path):
+    """Each launched server gets its own GPUs: from GPU 0 when colocated (shared with the trainer), after the
+    trainer's GPUs when disaggregated; a placement past the visible GPUs names the field; no flag without
+    GPUs."""
+    from alp_megatron.config import RolloutSection
+    from alp_megatron.trainer.engines import launched_server_gpus
+
+    colocated = RolloutSection(mode="colocated", servers=4, server_tp_size=2)
+    assert launched_server_gpus(colocated, trainer_gpus_on_node=8, visible_gpus=8) == [0, 2, 4, 6]
+    disaggregated = RolloutSection(mode="disaggregated", servers=2, server_tp_size=2)
+    assert launched_server_gpus(disaggregated, trainer_gpus_on_node=4, visible_gpus=8) == [4, 6]
+    with pytest.raises(ConfigError) as caught:
+        launched_server_gpus(disaggregated, trainer_gpus_on_node=6, visible_gpus=8)
+    assert caught.value.field == "rollout.servers" and "up to 9" in str(caught.value)
+    placed = RolloutSection(mode="disaggregated", servers=1, server_tp_size=2, server_first_gpu=1)
+    assert launched_server_gpus(placed, trainer_gpus_on_node=8, visible_gpus=8) == [1]
+    assert launched_server_gpus(colocated, trainer_gpus_on_node=2, visible_gpus=0) == [None] * 4
+    (tmp_path / "config.json").write_text("{}")
+    on_gpu = SGLangServer(ServerConfig(model_path=str(tmp_path), device="cuda", base_gpu_id=6))
+    assert on_gpu.command()[on_gpu.command().index("--base-gpu-id") + 1] == "6"
+    assert "--base-gpu-id" not in SGLangServer(ServerConfig(model_path=str(tmp_path), device="cpu",
+                                                            base_gpu_id=6)).command()
+
+
+def test_serve_stopped_while_starting_exits_at_once_leaving_no_process(model_dirs, tmp_path):
+    """``alp_megatron.rollout.serve`` takes SIGTERM during the server's start: it stops the launch and exits
+    at once. The launcher runs with SIGTERM and SIGINT deliverable (a child inherits its parent's signal
+    mask, so signals must not be held back around the launch)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from alp_megatron.rollout.process import session_leading_children
+
+    serve = subprocess.Popen([sys.executable, "-m", "alp_megatron.rollout.serve", "--model-path", model_dirs["v0"],
+                              "--port", "0", "--log-dir", str(tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        launchers, deadline = [], time.monotonic() + 120
+        while not launchers and time.monotonic() < deadline and serve.poll() is None:
+            launchers = session_leading_children(serve.pid)
+            time.sleep(0.05)
+        assert launchers, serve.communicate(timeout=30)
+        with open(f"/proc/{launchers[0]}/status") as status:
+            blocked = int(re.search(r"SigBlk:\s*([0-9a-f]+)", status.read()).group(1), 16)
+        assert not blocked & ((1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))), hex(blocked)
+        serve.send_signal(signal.SIGTERM)
+        _, err = serve.communicate(timeout=60)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    assert serve.returncode == 0 and "stopped while the server was starting" in err, err[-2000:]
+    assert not group_running(launchers[0])
