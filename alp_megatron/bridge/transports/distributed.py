@@ -17,6 +17,7 @@ parallelism, which :class:`~alp_megatron.bridge.weight_sync.WeightSync` checks a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -230,7 +231,9 @@ class DistributedTransport:
         """Destroy the group on every engine (best effort: an engine may be gone) and on the trainer, both
         sides at once (a backend whose teardown waits for its peers would otherwise wait on itself)."""
         if self._group is not None:
-            destroys = {engine.url: self._pool.submit(engine.control.destroy_weights_update_group, self._group_name)
+            # A pool of its own: after a failed push, update requests may still hang in the transport's pool.
+            pool = ThreadPoolExecutor(max_workers=max(1, len(self._engines)), thread_name_prefix="weights-dist-close")
+            destroys = {engine.url: pool.submit(engine.control.destroy_weights_update_group, self._group_name)
                         for engine in self._engines}
             self._destroy_local(self._group)
             for url, future in destroys.items():
@@ -238,6 +241,7 @@ class DistributedTransport:
                     future.result(timeout=60)
                 except Exception as error:
                     logger.warning("could not destroy weight group %s on %s: %s", self._group_name, url, error)
+            pool.shutdown(wait=False)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._staging.release()
@@ -257,19 +261,21 @@ def _broadcast_in_background(flat: torch.Tensor, group) -> tuple[threading.Threa
 
     Not on the caller's thread: the first collective of a NCCL group also builds the group's communicator,
     and that call blocks until every rank has joined, so an engine that refused its request would hang
-    the caller instead of failing the push. The thread works on the tensor's CUDA device and ends when the
-    broadcast has completed.
+    the caller instead of failing the push. The thread works on the tensor's CUDA device and the caller's
+    stream, and ends when the broadcast has completed.
     """
     outcome: dict = {}
-    device = flat.device if flat.is_cuda else None
+    # The caller's stream wrote ``flat``; the broadcast is ordered after it on that stream.
+    stream = torch.cuda.current_stream(flat.device) if flat.is_cuda else None
 
     def run() -> None:
         try:
-            if device is not None:
-                torch.cuda.set_device(device)
-            torch.distributed.broadcast(flat, group=group, group_src=0, async_op=True).wait()
-            if device is not None:  # wait() only orders the stream: the thread ends when the bytes are sent
-                torch.cuda.current_stream(device).synchronize()
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if stream is not None:
+                    torch.cuda.set_device(flat.device)
+                torch.distributed.broadcast(flat, group=group, group_src=0, async_op=True).wait()
+                if stream is not None:  # wait() only orders the stream: the thread ends when the bytes are sent
+                    stream.synchronize()
         except Exception as error:  # reported by push()
             outcome["error"] = error
 

@@ -102,8 +102,7 @@ class TensorTransport:
             # The engines have loaded the bucket by now: drop this bucket's CUDA buffer and release the
             # producer-side IPC references (CPU: the shared buffer is kept for the next bucket).
             del buffer
-            if on_gpu:
-                torch.cuda.ipc_collect()
+            _collect_cuda_ipc()
 
     def commit(self, weight_version: str, flush_cache: bool = True) -> None:
         """Each push is loaded by the engine when its request returns. What is left is the last bucket's
