@@ -26,11 +26,15 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m alp_megatron.demo
 
-test: environments test-main test-megatron-019
+# In this order also under `make -j`: the environments are built once, before either leg.
+test:
+	$(MAKE) environments
+	$(MAKE) test-main
+	$(MAKE) test-megatron-019
 
 # Both environments at once: each is a mostly single-threaded pip, so side by side they take the time of one.
 environments:
-	$(MAKE) -j2 $(VENV)/.installed $(if $(PYTHON312),$(VENV312)/.installed)
+	$(MAKE) -j2 -Otarget $(VENV)/.installed $(if $(PYTHON312),$(VENV312)/.installed)
 
 test-main: venv
 	$(PY) -m pytest -q --durations=25

@@ -25,6 +25,7 @@ def test_quick_study_runs_three_methods_and_writes_table_and_plots(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
     steps = summary["study"]["quick"]["steps"]
+    assert steps == 3
     assert [r["configuration"] for r in summary["results"]] == ["bypass", "grpo", "alp_seq"]
     for configuration in ("bypass", "grpo", "alp_seq"):
         records = read_metrics(str(out / "runs" / configuration / "seed0" / "metrics.jsonl"))
