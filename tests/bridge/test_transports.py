@@ -186,6 +186,15 @@ def test_transport_updates_engine(server, models, references, transport, seed, t
     _assert_serves(server, references[seed], f"{transport}-1")
 
 
+def test_distributed_builds_its_group_under_torchrun_too(server, models, references, monkeypatch):
+    """Under torchrun (TORCHELASTIC_USE_AGENT_STORE) torch's tcp:// rendezvous makes every rank a client of
+    the elastic agent's store, which serves no second world: the trainer hosts the group's store itself."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    with WeightSync(_sync_config(server, "distributed", retries=0, transport_options={"timeout_s": 60})) as sync:
+        sync.sync(buckets_of(load_tensors(models[1])), "dist-under-torchrun")
+    _assert_serves(server, references[1], "dist-under-torchrun")
+
+
 def test_distributed_group_is_reused_then_destroyed(server, models, references):
     with WeightSync(_sync_config(server, "distributed")) as sync:
         sync.sync(buckets_of(load_tensors(models[1])), "dist-a")

@@ -157,9 +157,16 @@ class DistributedTransport:
 
         def join() -> None:
             try:
+                timeout = timedelta(seconds=self.config.timeout_s)
+                # The trainer hosts the group's store itself. Left to init_method="tcp://...", torch would not
+                # under torchrun: there (TORCHELASTIC_USE_AGENT_STORE) every rank takes the store for one its
+                # elastic agent hosts, so the trainer, like the engines, waits for a store nobody serves.
+                # The engines reach it through init_method, which prefixes their keys with the group name.
+                store = torch.distributed.PrefixStore(name, torch.distributed.TCPStore(
+                    address, port, world_size, is_master=True, timeout=timeout, multi_tenant=True))
                 created["group"] = init_custom_process_group(
-                    backend=self.backend, init_method=f"tcp://{address}:{port}", world_size=world_size, rank=0,
-                    group_name=name, timeout=timedelta(seconds=self.config.timeout_s))
+                    backend=self.backend, store=store, world_size=world_size, rank=0, group_name=name,
+                    timeout=timeout)
             except Exception as error:  # reported below with the engines' side of the story
                 created["error"] = error
 
