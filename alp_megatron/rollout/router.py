@@ -69,7 +69,15 @@ class SGLangRouter(ManagedService):
     def __init__(self, config: RouterConfig):
         self.config = config
         self.startup_timeout_s = config.startup_timeout_s
-        self._port = config.port or free_port(config.host if config.host != "localhost" else "127.0.0.1")
+        host = config.host if config.host != "localhost" else "127.0.0.1"
+        self._port = config.port or free_port(host)
+        # The router also serves Prometheus metrics, by default on 29000 for every router: a second router on
+        # the host would fail to start. Each gets a free port of its own unless extra_args names one.
+        self._metrics_port = None
+        if "--prometheus-port" not in {arg.split("=", 1)[0] for arg in config.extra_args}:
+            self._metrics_port = free_port(host)
+            while self._metrics_port == self._port:
+                self._metrics_port = free_port(host)
         self._log_dir = config.log_dir or tempfile.mkdtemp(prefix="alp-router-")
         self._process: Optional[ManagedProcess] = None
 
@@ -92,6 +100,8 @@ class SGLangRouter(ManagedService):
         ]
         if cfg.api_key:
             cmd += ["--api-key", cfg.api_key]
+        if self._metrics_port is not None:
+            cmd += ["--prometheus-port", str(self._metrics_port)]
         return cmd + list(cfg.extra_args)
 
     def workers(self) -> list:

@@ -45,6 +45,14 @@ def _assert_every_group_full(batch, prompts, n):
         assert len(sample.response_ids) == len(sample.rollout_logprobs) > 0
 
 
+def test_a_second_router_on_the_host_starts_beside_the_first(router, servers, tmp_path):
+    """Each router gets a metrics port of its own (sglang-router's default, 29000, is the same for all)."""
+    config = RouterConfig([server.url for server in servers], log_dir=str(tmp_path))
+    with SGLangRouter(config) as second:
+        assert second.workers() and router.workers()
+        assert "--prometheus-port" in second.command() and second.command() != router.command()
+
+
 def test_groups_complete_through_the_router(router, servers, client_config):
     prompts = [[1, 5 + i, 6 + i] for i in range(6)]
     sampler = _sampler(router, servers, client_config, n=4, max_new_tokens=24, ignore_eos=True)
