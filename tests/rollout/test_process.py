@@ -1,19 +1,17 @@
 """Process-level helpers: port picks, the log scan for a failed start, and launches nothing recorded."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 from alp_megatron.rollout.process import (
     PICK_PORT_RANGE,
     ManagedProcess,
     free_ports,
-    group_running,
     pick_port_range,
-    stop_unrecorded_launches,
 )
 
 
@@ -49,20 +47,30 @@ def test_a_failure_line_is_found_once_whole_even_when_written_in_pieces(tmp_path
         process.stop()
 
 
+STRAY_LAUNCH = """
+import json, os, subprocess, sys, time
+from alp_megatron.rollout.process import ManagedProcess, group_running, stop_unrecorded_launches
+sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+recorded = ManagedProcess("recorded", sleeper, dict(os.environ), sys.argv[1])
+recorded.start()
+stray = subprocess.Popen(sleeper, start_new_session=True)
+plain_child = subprocess.Popen(sleeper)  # no session of its own: not a launch
+stopped = stop_unrecorded_launches()
+deadline = time.monotonic() + 10
+while group_running(stray.pid) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(json.dumps({"stopped": stopped, "stray": stray.pid, "stray_code": stray.wait(timeout=10),
+                  "recorded_alive": recorded.is_alive(), "plain_alive": plain_child.poll() is None}))
+recorded.stop()
+plain_child.kill()
+"""
+
+
 def test_a_launch_that_was_never_recorded_is_stopped_and_a_recorded_one_is_not(tmp_path):
-    recorded = ManagedProcess("recorded", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ),
-                              str(tmp_path / "recorded.log"))
-    recorded.start()
-    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    plain_child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # no session: not ours
-    try:
-        assert stop_unrecorded_launches() == [stray.pid]
-        deadline = time.monotonic() + 10
-        while group_running(stray.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert stray.wait(timeout=10) == -signal.SIGKILL
-        assert recorded.is_alive() and plain_child.poll() is None
-    finally:
-        recorded.stop()
-        plain_child.kill()
-        plain_child.wait()
+    # In a process of its own: here, every session-leading child of the test process would count.
+    result = subprocess.run([sys.executable, "-c", STRAY_LAUNCH, str(tmp_path / "recorded.log")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["stopped"] == [outcome["stray"]] and outcome["stray_code"] == -signal.SIGKILL
+    assert outcome["recorded_alive"] and outcome["plain_alive"]
