@@ -2,6 +2,7 @@
 
     alp-convert hf-to-mcore --hf HF_DIR --out CKPT_DIR --tp N --pp N [--ep N]
     alp-convert mcore-to-hf --ckpt CKPT_DIR --out HF_DIR [--tp N --pp N --ep N] [--dtype bfloat16]
+    (both: [--progress-every-s S], progress lines on rank 0's stderr)
 
 Launch ``tp x pp x ep`` ranks: ``torchrun --nproc_per_node <world> -m alp_megatron.convert ...``; one rank
 runs without torchrun. The Megatron checkpoint loads at any layout, so the two directions may use
@@ -12,12 +13,15 @@ size that does not match) stops with one message naming the file or flag and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
-from typing import Optional
+import time
+from typing import Callable, Iterator, Optional
 
 from alp_megatron.errors import AlpError, ConfigError
+from alp_megatron.progress import ByteProgress
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -48,8 +52,13 @@ def hf_to_mcore(args: argparse.Namespace) -> None:
     weight_map(args.hf)  # index and shard files present
     _refuse_output(output_folder_problem(args.out))
     chunks = _build(arch, parallel, config)
-    load_hf_weights(chunks, args.hf, arch)
-    save_megatron_checkpoint(chunks, args.out, args.hf)
+    say = _say_on_rank0()
+    say(f"{arch.architecture} from {args.hf} at tp={args.tp} pp={args.pp} ep={args.ep}")
+    loading = ByteProgress("alp-convert: loading rank 0's shards of the HF weights", say, args.progress_every_s)
+    load_hf_weights(chunks, args.hf, arch, progress=loading)
+    loading.done()
+    with _phase(say, f"writing the Megatron checkpoint {args.out}"):
+        save_megatron_checkpoint(chunks, args.out, args.hf)
 
 
 def mcore_to_hf(args: argparse.Namespace) -> None:
@@ -66,9 +75,35 @@ def mcore_to_hf(args: argparse.Namespace) -> None:
     parallel = _parallel(args, arch)
     _refuse_output(output_folder_problem(args.out))
     chunks = _build(arch, parallel, config)
-    load_megatron_checkpoint(chunks, args.ckpt)
+    say = _say_on_rank0()
+    with _phase(say, f"loading the Megatron checkpoint {args.ckpt} at tp={args.tp} pp={args.pp} ep={args.ep}"):
+        load_megatron_checkpoint(chunks, args.ckpt)
     dtype = getattr(torch, args.dtype or _config_dtype(config))
-    save_hf_folder(chunks, hf_dir, args.out, tokenizer_dir=hf_dir, dtype=dtype)
+    writing = ByteProgress(f"alp-convert: gathering and writing the HF folder {args.out}", say, args.progress_every_s)
+    save_hf_folder(chunks, hf_dir, args.out, tokenizer_dir=hf_dir, dtype=dtype, progress=writing)
+    writing.done()
+
+
+def _say_on_rank0() -> Callable[[str], None]:
+    """Writes progress lines on rank 0's stderr; the other ranks do the same work and stay quiet."""
+    import torch.distributed as dist
+
+    quiet = dist.is_initialized() and dist.get_rank() != 0
+
+    def say(line: str) -> None:
+        if not quiet:
+            print(line if line.startswith("alp-convert: ") else f"alp-convert: {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
+@contextlib.contextmanager
+def _phase(say: Callable[[str], None], what: str) -> Iterator[None]:
+    """A line when a single long step (a dist-checkpoint save or load) starts, and one with its time."""
+    started = time.monotonic()
+    say(f"{what} ...")
+    yield
+    say(f"{what}: done in {time.monotonic() - started:.1f} s")
 
 
 def _parallel(args: argparse.Namespace, arch):
@@ -148,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--tp", type=int, required=required, default=1, help="tensor-parallel size")
         sub.add_argument("--pp", type=int, required=required, default=1, help="pipeline-parallel size")
         sub.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE)")
+        sub.add_argument("--progress-every-s", type=float, default=10.0, metavar="S",
+                         help="a progress line on stderr at most every S seconds (default 10; 0: every tensor)")
     return parser
 
 

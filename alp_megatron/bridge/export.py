@@ -9,8 +9,9 @@ bucket plus the tensor being gathered are alive at a time, never the whole model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ def export_hf_buckets(
     arch: ModelArch,
     bucket_bytes: int,
     dtype: Optional[torch.dtype] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[Bucket]:
     """Yield lists of ``(hf_name, tensor)`` holding at most ``bucket_bytes`` each; a tensor larger than
     ``bucket_bytes`` comes alone. Tensors are full (unsharded, vocab padding stripped), named and shaped as
@@ -49,6 +51,7 @@ def export_hf_buckets(
     Every rank of the model (all TP/PP/EP/DP ranks) must call this and iterate to the end: the collectives
     run as the iteration proceeds. Tensors may share memory with the parameters (unsharded layouts): treat
     them as read-only, and drop each bucket before asking for the next to keep memory bounded.
+    ``progress(done_bytes, total_bytes)``: called as each tensor is gathered (bytes of the whole model).
     """
     if not (isinstance(bucket_bytes, int) and bucket_bytes > 0):
         raise ConfigError("bucket_bytes", f"must be a positive number of bytes, got {bucket_bytes!r}",
@@ -57,7 +60,23 @@ def export_hf_buckets(
     items = _catalogue([b for b in bind_parameters(model_chunks, arch, ranks) if b.exported], arch, ranks, dtype)
     named = ((name, tensor) for item in items
              for name, tensor in zip(item.names, _materialise(item, arch, ranks, dtype)))
+    if progress is not None:
+        named = _reporting(named, sum(_nbytes(shape, item.dtype) for item in items for shape in item.shapes),
+                           progress)
     yield from bucketed(named, bucket_bytes)
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _reporting(named: Iterable[tuple[str, torch.Tensor]], total: int,
+               progress: Callable[[int, int], None]) -> Iterator[tuple[str, torch.Tensor]]:
+    done = 0
+    for name, tensor in named:
+        done += tensor.numel() * tensor.element_size()
+        progress(done, total)
+        yield name, tensor
 
 
 def bucketed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:

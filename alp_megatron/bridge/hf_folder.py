@@ -11,7 +11,7 @@ import json
 import os
 import secrets
 import shutil
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -69,6 +69,7 @@ def save_hf_folder(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     overwrite: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> None:
     """Write the model as an HF folder at ``out_dir``: safetensors weights, ``config.json`` and the tokenizer.
 
@@ -76,7 +77,8 @@ def save_hf_folder(
     byte), a ``config.json`` dict, or a ``transformers`` config object. ``tokenizer_dir``: a folder whose
     non-weight files (tokenizer, chat template) are copied too. Every rank of the model calls this (the
     weights are gathered with :func:`export_hf_buckets`); rank 0 writes. ``out_dir`` must not exist or be
-    empty unless ``overwrite``. Raises the same error on every rank.
+    empty unless ``overwrite``. Raises the same error on every rank. ``progress(done_bytes, total_bytes)``:
+    called as the weights are gathered (see :func:`export_hf_buckets`).
     """
     config = _config_dict(hf_config)
     arch = ModelArch.from_hf_config(config)
@@ -100,7 +102,7 @@ def save_hf_folder(
     if problem is not None:
         raise WeightMappingError(*problem)
     try:
-        for bucket in export_hf_buckets(model_chunks, arch, bucket_bytes, dtype):
+        for bucket in export_hf_buckets(model_chunks, arch, bucket_bytes, dtype, progress):
             if writer is not None:
                 writer.add(bucket)
             del bucket

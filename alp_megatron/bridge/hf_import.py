@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -92,12 +92,14 @@ def weight_map(folder: str) -> dict[str, str]:
     )
 
 
-def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str, arch: ModelArch) -> None:
+def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str, arch: ModelArch,
+                    progress: Optional[Callable[[int, int], None]] = None) -> None:
     """Copy the HF checkpoint in ``hf_dir`` into this rank's ``model_chunks`` (unwrapped ``GPTModel``s).
 
     Every rank of the model calls this (it ends with one all-gather of the problems found). Raises one
     :class:`WeightMappingError`, on every rank, listing all missing, unexpected and mis-shaped tensors,
     before any weight is changed. Non-weight parameters (``log_sigma``) are left as they are.
+    ``progress(loaded_bytes, total_bytes)``: called after each parameter is filled, with this rank's bytes.
     """
     ranks = ParallelRanks.current()
     fix = "use the weights that belong to this config.json (same sizes, complete set of shards)"
@@ -117,9 +119,14 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str, arch: 
             + "; ".join(problem for problem, _ in problems),
             "; ".join(dict.fromkeys(f for _, f in problems)) + "; nothing was loaded",
         )
+    total = sum(b.param.numel() * b.param.element_size() for b in bindings)
+    loaded = 0
     with weights, torch.no_grad():
         for binding in bindings:
             binding.param.copy_(_local_shard(weights, binding, arch, ranks))
+            loaded += binding.param.numel() * binding.param.element_size()
+            if progress is not None:
+                progress(loaded, total)
 
 
 def _problems(weights: HFWeights, bindings: list[Binding], arch: ModelArch, ranks: ParallelRanks) -> list[str]:

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -100,6 +101,7 @@ def save_checkpoint(directory: str, step: int, ddp_chunks: list, optimizer, sche
     """
     from megatron.core import dist_checkpointing
 
+    started = time.monotonic()
     final = os.path.join(directory, checkpoint_name(step))
     partial = final + PARTIAL
     rank = dist.get_rank()
@@ -128,7 +130,7 @@ def save_checkpoint(directory: str, step: int, ddp_chunks: list, optimizer, sche
         os.replace(partial, final)
         write_text_atomically(os.path.join(directory, LATEST), checkpoint_name(step))
         _prune(directory, config.keep_last)
-        logger.info("saved checkpoint %s", final)
+        logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
     dist.barrier()
     return final
 

@@ -6,6 +6,7 @@ with the results.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -18,8 +19,11 @@ from alp_megatron.bridge.hf_folder import arch_from_hf_folder, save_hf_folder
 from alp_megatron.bridge.hf_import import load_hf_weights
 from alp_megatron.model.arch import ModelArch
 from alp_megatron.model.provider import build_model
+from alp_megatron.progress import ByteProgress
 from alp_megatron.trainer.actor import Actor
 from alp_megatron.trainer.engine import build_optimizer, wrap_ddp
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +43,9 @@ class Policy:
         torch.manual_seed(config.run.seed)
         arch = arch_from_hf_folder(hf_dir)
         chunks = build_model(arch, config.parallel, config.model.megatron, config.alp)
-        load_hf_weights(chunks, hf_dir, arch)
+        loading = ByteProgress(f"loading this rank's shards of {hf_dir}", logger.info)
+        load_hf_weights(chunks, hf_dir, arch, progress=loading)
+        loading.done()
         ddp_chunks = wrap_ddp(chunks, config.optimizer)
         optimizer, scheduler = build_optimizer(ddp_chunks, config.optimizer, config.alp)
         actor = Actor(ddp_chunks, optimizer, scheduler, config.loss, config.actor)
@@ -51,7 +57,10 @@ class Policy:
 
     def save_hf(self, out_dir: str, overwrite: bool = True) -> None:
         """An HF folder of the current weights (config and tokenizer from the starting checkpoint)."""
-        save_hf_folder(self.chunks, self.hf_dir, out_dir, tokenizer_dir=self.hf_dir, overwrite=overwrite)
+        writing = ByteProgress(f"writing {out_dir}", logger.info)
+        save_hf_folder(self.chunks, self.hf_dir, out_dir, tokenizer_dir=self.hf_dir, overwrite=overwrite,
+                       progress=writing)
+        writing.done()
 
     def sigma_by_layer(self) -> dict[int, float]:
         """``{global layer: sigma}`` of every layer of the model, gathered over pipeline stages."""

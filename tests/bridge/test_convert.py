@@ -40,15 +40,16 @@ def hf_dir(tmp_path_factory):
 def round_trip(hf_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("converted")
     ckpt, out = str(root / "ckpt"), str(root / "hf_out")
-    to_mcore = run("hf-to-mcore", "--hf", hf_dir, "--out", ckpt, "--tp", "2", "--pp", "1", ranks=2)
+    to_mcore = run("hf-to-mcore", "--hf", hf_dir, "--out", ckpt, "--tp", "2", "--pp", "1", "--progress-every-s", "0",
+                   ranks=2)
     assert to_mcore.returncode == 0, to_mcore.stderr[-3000:]
     to_hf = run("mcore-to-hf", "--ckpt", ckpt, "--out", out)
     assert to_hf.returncode == 0, to_hf.stderr[-3000:]
-    return root, ckpt, out
+    return root, ckpt, out, (to_mcore.stderr, to_hf.stderr)
 
 
 def test_checkpoint_holds_megatron_shards_and_the_hf_side_files(round_trip):
-    root, ckpt, _ = round_trip
+    root, ckpt, _, _ = round_trip
     assert os.path.isfile(os.path.join(ckpt, "metadata.json"))
     assert any(name.endswith(".distcp") for name in os.listdir(ckpt))
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -57,7 +58,7 @@ def test_checkpoint_holds_megatron_shards_and_the_hf_side_files(round_trip):
 
 
 def test_round_trip_through_another_layout_gives_bit_identical_files(hf_dir, round_trip):
-    _, _, out = round_trip
+    _, _, out, _ = round_trip
     assert sorted(os.listdir(out)) == sorted(os.listdir(hf_dir))
     for name in os.listdir(hf_dir):
         with open(os.path.join(hf_dir, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
@@ -65,6 +66,20 @@ def test_round_trip_through_another_layout_gives_bit_identical_files(hf_dir, rou
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
     converted = load_file(os.path.join(out, "model.safetensors"))
     assert converted.keys() == original.keys() and all(torch.equal(converted[k], original[k]) for k in original)
+
+
+def test_progress_lines_come_from_rank_0_only_and_end_at_the_whole_model(round_trip):
+    _, ckpt, out, (to_mcore, to_hf) = round_trip
+    lines = [line for line in to_mcore.splitlines() if line.startswith("alp-convert: ")]
+    loading = [line for line in lines if "loading rank 0's shards of the HF weights" in line]
+    assert len(loading) >= 3, lines  # every 0 s: a line per parameter, then the closing one
+    assert "(100 %) in " in loading[-1] and all("(100 %)" not in line for line in loading[:-1]), loading
+    assert sum(line.endswith(f"writing the Megatron checkpoint {ckpt} ...") for line in lines) == 1, lines
+    assert sum(f"writing the Megatron checkpoint {ckpt}: done in " in line for line in lines) == 1, lines
+    # the default every 10 s: only the closing lines of this small model
+    written = [line for line in to_hf.splitlines() if line.startswith(f"alp-convert: gathering and writing the HF "
+                                                                     f"folder {out}")]
+    assert len(written) == 1 and "(100 %) in " in written[0], to_hf[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------

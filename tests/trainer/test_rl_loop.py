@@ -3,6 +3,7 @@ syncing every step, checkpoints, resume, one-step-off, and the errors a user can
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,13 @@ def test_final_export_is_a_loadable_hf_folder_without_log_sigma(uninterrupted):
     assert tensors and not any("sigma" in name for name in tensors)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert model.config.architectures == ["LlamaForCausalLM"]
+    # long loads and writes report progress, rank 0 only
+    log = open(str(uninterrupted) + ".log").read().splitlines()
+    loaded = [line for line in log if "loading this rank's shards of" in line and "(100 %) in" in line]
+    written = [line for line in log if f"writing {folder}: " in line and "(100 %) in" in line]
+    assert len(loaded) == 1 and "[rank 0]" in loaded[0], log[-40:]
+    assert len(written) == 1 and "[rank 0]" in written[0], log[-40:]
+    assert sum(bool(re.search(r"\[rank 0\].* saved checkpoint \S+ in \d+\.\d s$", line)) for line in log) == 2
 
 
 def test_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_path):
