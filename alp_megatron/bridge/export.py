@@ -57,13 +57,31 @@ def export_hf_buckets(
         raise ConfigError("bucket_bytes", f"must be a positive number of bytes, got {bucket_bytes!r}",
                           "use e.g. 256 MiB (268435456)")
     ranks = ParallelRanks.current()
-    items = _catalogue([b for b in bind_parameters(model_chunks, arch, ranks) if b.exported], arch, ranks, dtype)
+    items = _catalogue(_exported_bindings(model_chunks, arch, ranks), arch, ranks, dtype)
     named = ((name, tensor) for item in items
              for name, tensor in zip(item.names, _materialise(item, arch, ranks, dtype)))
     if progress is not None:
         named = _reporting(named, sum(_nbytes(shape, item.dtype) for item in items for shape in item.shapes),
                            progress)
     yield from bucketed(named, bucket_bytes)
+
+
+def _exported_bindings(model_chunks: Sequence[torch.nn.Module], arch: ModelArch,
+                       ranks: ParallelRanks) -> list[Binding]:
+    """This rank's exported parameters, or the same error on every rank: a parameter the mapping does not know
+    may sit on one pipeline stage only, and the other stages must not wait for it in the collectives."""
+    from alp_megatron.bridge.hf_import import agree_on_problems, problem_of
+
+    bindings, problems = [], []
+    try:
+        bindings = [b for b in bind_parameters(model_chunks, arch, ranks) if b.exported]
+    except Exception as error:  # noqa: BLE001 - agreed below, so no rank waits alone in a collective
+        problems = [problem_of(error)]
+    problems = agree_on_problems(problems)
+    if problems:
+        raise WeightMappingError("export", "; ".join(problem for problem, _ in problems),
+                                 "; ".join(dict.fromkeys(fix for _, fix in problems)))
+    return bindings
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:

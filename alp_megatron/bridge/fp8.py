@@ -28,6 +28,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from alp_megatron.errors import ConfigError
+
 E4M3_MAX = 448.0
 BLOCK = (128, 128)
 FP8_QUANTIZATION_CONFIG = {
@@ -143,19 +145,28 @@ def quantize_buckets(
 
 
 def served_fp8_config(model_dir: str) -> Optional[dict]:
-    """The block-wise FP8 ``quantization_config`` of the checkpoint an engine serves, or None if it is not FP8.
+    """The block-wise FP8 ``quantization_config`` of the checkpoint an engine serves, or None if it is not
+    quantised.
 
-    Raises ValueError for an FP8 config this module cannot produce (not block-wise, or static activations).
+    Raises :class:`ConfigError` for any quantisation this module cannot produce (another method such as
+    compressed-tensors, AWQ or GPTQ; FP8 that is not 128x128 block-wise or has static activations): sending
+    unquantised or differently quantised tensors into it would corrupt the engine's weights.
     """
-    with open(os.path.join(model_dir, "config.json")) as f:
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
         config = json.load(f).get("quantization_config")
-    if not config or config.get("quant_method") != "fp8":
+    if not config:
         return None
-    if config.get("weight_block_size") is None or config.get("activation_scheme", "dynamic") != "dynamic":
-        raise ValueError(
-            f"{model_dir}/config.json has quantization_config {config}; the bridge produces only block-wise FP8 "
-            f"with dynamic activations: set it to {FP8_QUANTIZATION_CONFIG}"
-        )
+    method = config.get("quant_method")
+    fix = (f"serve an unquantised checkpoint, or one with quantization_config {FP8_QUANTIZATION_CONFIG} "
+           "(the bridge quantises every update to match)")
+    if method != "fp8":
+        raise ConfigError(f"{path}: quantization_config.quant_method", f"{method!r} is not a format the bridge "
+                          "can update", fix)
+    if list(config.get("weight_block_size") or ()) != list(BLOCK) or config.get("activation_scheme",
+                                                                                 "dynamic") != "dynamic":
+        raise ConfigError(f"{path}: quantization_config", f"{config} is not 128x128 block-wise FP8 with dynamic "
+                          "activations, the only FP8 the bridge produces", fix)
     return config
 
 

@@ -24,6 +24,7 @@ outcome is shared with the other ranks.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -104,20 +105,25 @@ class WeightSyncConfig:
                                   "give the engine's --tp-size")
         if len({e.url.rstrip("/") for e in engines}) != len(engines):
             raise ConfigError("weight_sync.engines", "an engine URL is listed twice", "list each worker once")
-        if self.transport not in TRANSPORTS:
-            raise ConfigError("weight_sync.transport", f"{self.transport!r} is not a transport",
-                              f"choose one of {TRANSPORTS}")
-        if self.pause_mode is not None and self.pause_mode not in PAUSE_MODES:
-            raise ConfigError("weight_sync.pause_mode", f"{self.pause_mode!r} is not a pause mode",
-                              f"choose one of {PAUSE_MODES}, or null when the caller pauses generation")
-        if self.fp8 not in FP8_MODES:
-            raise ConfigError("weight_sync.fp8", f"{self.fp8!r} is not one of {FP8_MODES}",
-                              "use auto (follow the served checkpoint), on or off")
-        if self.fp8_scale_format not in fp8.SCALE_FORMATS:
-            raise ConfigError("weight_sync.fp8_scale_format", f"{self.fp8_scale_format!r} is not a scale format",
-                              f"choose one of {fp8.SCALE_FORMATS}")
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise ConfigError("weight_sync.retries", f"{self.retries!r} is not >= 0", "give 0 or more retries")
+        check_sync_options(self.transport, self.pause_mode, self.fp8, self.fp8_scale_format, self.retries)
+
+
+def check_sync_options(transport: str, pause_mode: Optional[str], fp8_mode: str, fp8_scale_format: str,
+                       retries: int) -> None:
+    """The choices of a weight sync, checked where they are given (the run config) and where they are used."""
+    if transport not in TRANSPORTS:
+        raise ConfigError("weight_sync.transport", f"{transport!r} is not a transport", f"choose one of {TRANSPORTS}")
+    if pause_mode is not None and pause_mode not in PAUSE_MODES:
+        raise ConfigError("weight_sync.pause_mode", f"{pause_mode!r} is not a pause mode",
+                          f"choose one of {PAUSE_MODES}, or null when the caller pauses generation")
+    if fp8_mode not in FP8_MODES:
+        raise ConfigError("weight_sync.fp8", f"{fp8_mode!r} is not one of {FP8_MODES}",
+                          "use auto (follow the served checkpoint), on or off")
+    if fp8_scale_format not in fp8.SCALE_FORMATS:
+        raise ConfigError("weight_sync.fp8_scale_format", f"{fp8_scale_format!r} is not a scale format",
+                          f"choose one of {fp8.SCALE_FORMATS}")
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ConfigError("weight_sync.retries", f"{retries!r} is not >= 0", "give 0 or more retries")
 
 
 @dataclass(frozen=True)
@@ -219,12 +225,14 @@ class WeightSync:
         infos = self._each(lambda e: e.control.model_info())
         self._check_tp_sizes()
         quantise, ignored = self._serves_fp8(infos)
+        # Before generation pauses: a transport that cannot reach the engines (no group, no readable source
+        # files) fails with the engines still serving their old weights.
+        self.transport.connect(self.engines)
         self._touched = True
         if self.config.pause_mode is not None:
             self._each(lambda e: e.control.pause_generation(self.config.pause_mode))
         # With in_place pausing the KV cache must survive the update, so the prefix cache is not flushed.
         flush = self.config.pause_mode != "in_place"
-        self.transport.connect(self.engines)
         opened: list[EngineTarget] = []
         try:
             if self.transport.requires_session:
@@ -383,6 +391,7 @@ class ServedManifest:
                             shapes[key] = tuple(f.get_slice(key).get_shape())
         self.shapes = shapes
         self.seen: set[str] = set()
+        self._tied_embeddings = _ties_embeddings(model_dir)
 
     @staticmethod
     def files_identity(model_dir: str) -> tuple:
@@ -407,7 +416,7 @@ class ServedManifest:
                 problems.append(f"{name} has shape {tuple(tensor.shape)}, the served model {self.shapes[name]}")
             self.seen.add(name)
         if last and not problems:
-            missing = sorted(n for n in self.shapes if n not in self.seen and not n.endswith(self._NOT_EXPORTED))
+            missing = sorted(n for n in self.shapes if n not in self.seen and not self._not_exported(n))
             if missing:
                 problems.append(f"{len(missing)} tensors of the served model were not exported: "
                                 f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -416,6 +425,22 @@ class ServedManifest:
                 f"the buckets do not match the model served from {self.model_dir}: " + "; ".join(problems[:8])
                 + ". Fix: export every tensor of the served architecture under its HF name and shape "
                 "(or set weight_sync.check_names to false for a model the served folder does not describe)")
+
+
+    def _not_exported(self, name: str) -> bool:
+        # an lm_head saved beside tied embeddings: the model reads the embedding, SGLang skips the copy
+        return name.endswith(self._NOT_EXPORTED) or (self._tied_embeddings and name == "lm_head.weight")
+
+
+def _ties_embeddings(model_dir: str) -> bool:
+    """Whether the served checkpoint's ``config.json`` ties the output layer to the embedding."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
 
 
 def _failed_urls(error: Exception, engines: Sequence[EngineTarget]) -> list[str]:

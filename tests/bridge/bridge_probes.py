@@ -223,12 +223,33 @@ def unmapped_parameter(folder: str, parallel: ParallelConfig) -> Optional[str]:
     return None
 
 
+def export_with_a_parameter_on_one_stage(folder: str, parallel: ParallelConfig) -> Optional[str]:
+    """A parameter the table does not know, on the first pipeline stage only: the export's error (every stage
+    must raise it; before, the other stage waited in the export's collectives)."""
+    from megatron.core import parallel_state
+
+    from alp_megatron.bridge.export import export_hf_buckets
+    from alp_megatron.bridge.mapping import WeightMappingError
+
+    arch, chunks = build(folder, parallel)
+    if parallel_state.get_pipeline_model_parallel_rank() == 0:
+        chunks[0].decoder.layers[0].register_parameter("extra_scale", torch.nn.Parameter(torch.ones(3)))
+    try:
+        for _ in export_hf_buckets(chunks, arch, 2**20):
+            pass
+    except WeightMappingError as error:
+        return str(error)
+    return None
+
+
 def run_failures(checks: list[tuple], folders: dict) -> list:
     """Rank entry point for the bad-input checks: ``(kind, folder key, parallel, reference key)``."""
     results = []
     for kind, key, parallel, reference in checks:
         if kind == "import":
             results.append(import_failure(folders[key], parallel, folders[reference]))
+        elif kind == "export_one_stage":
+            results.append(export_with_a_parameter_on_one_stage(folders[key], parallel))
         else:
             results.append(unmapped_parameter(folders[key], parallel))
     return results

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from alp_megatron.bridge import fp8
+from alp_megatron.errors import ConfigError
 
 SHAPES = [(256, 384), (300, 200), (128, 1), (1, 130), (4, 257, 129)]
 
@@ -103,9 +104,17 @@ def test_served_fp8_config(tmp_path):
     assert fp8.served_fp8_config(str(tmp_path))["weight_block_size"] == [128, 128]
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert fp8.served_fp8_config(str(tmp_path)) is None
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
-    with pytest.raises(ValueError, match="block-wise"):
-        fp8.served_fp8_config(str(tmp_path))
+    # what the bridge cannot produce is refused before anything is sent, naming the field
+    refused = [({"quant_method": "fp8"}, "block-wise"),
+               ({"quant_method": "fp8", "weight_block_size": [64, 64]}, "block-wise"),
+               ({**fp8.FP8_QUANTIZATION_CONFIG, "activation_scheme": "static"}, "block-wise"),
+               ({"quant_method": "compressed-tensors"}, "'compressed-tensors' is not a format"),
+               ({"quant_method": "awq", "bits": 4}, "'awq' is not a format")]
+    for config, problem in refused:
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config}))
+        with pytest.raises(ConfigError, match=problem) as error:
+            fp8.served_fp8_config(str(tmp_path))
+        assert error.value.field.startswith(str(tmp_path / "config.json"))
 
 
 _SGLANG_SIDE = textwrap.dedent("""

@@ -210,6 +210,7 @@ FAILURES = [
     ("import", "no_weights", EP2, "qwen3_moe"),
     ("import", "qwen3", TP2, "qwen2"),  # another model's weights: qkv biases missing, q/k norms unexpected
     ("unmapped", "llama", TP2, None),
+    ("export_one_stage", "llama", PP2, None),
 ]
 
 
@@ -254,3 +255,8 @@ def test_unmapped_megatron_parameter_is_an_error_listing_it(failures):
     for message in failures[4]:
         assert message is not None and "decoder.layers.0.extra_scale" in message
         assert "log_sigma" not in message  # excluded by NOT_MODEL_WEIGHTS, not reported
+
+
+def test_an_unmapped_parameter_on_one_stage_fails_the_export_on_every_stage(failures):
+    messages = failures[5]
+    assert all(m == messages[0] for m in messages) and "decoder.layers.0.extra_scale" in messages[0], messages

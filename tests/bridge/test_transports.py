@@ -6,6 +6,7 @@ reference logprobs. Buckets come from its safetensors files (no Megatron needed)
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import threading
@@ -138,6 +139,7 @@ def test_factory_builds_each_transport_and_refuses_unknown_names():
     for name in ("tensor", "distributed", "disk"):
         transport = make_transport(name)
         assert isinstance(transport, WeightTransport) and transport.name == name
+        transport.close()
     with pytest.raises(ConfigError, match="weight_sync.transport"):
         make_transport("carrier-pigeon")
     with pytest.raises(ConfigError, match="weight_sync.distributed.backend"):
@@ -212,6 +214,7 @@ def test_distributed_group_is_reused_then_destroyed(server, models, references):
 
 
 def test_disk_transport_keeps_only_the_newest_folder(server, models, references, tmp_path):
+    os.makedirs(tmp_path / ".partial-000001")  # left by a crashed update: removed, its name reused
     with WeightSync(_sync_config(server, "disk", transport_options={"root": str(tmp_path)})) as sync:
         sync.sync(buckets_of(load_tensors(models[2])), "disk-a")
         first = sync.transport.current
@@ -222,6 +225,28 @@ def test_disk_transport_keeps_only_the_newest_folder(server, models, references,
     assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= set(os.listdir(second))
     assert EngineControl(server.url).model_info()["model_path"] == second
     _assert_serves(server, references[3], "disk-b/with slash")
+
+
+def test_disk_transport_removes_its_temporary_root_with_itself(server, models, references, tmp_path):
+    with WeightSync(_sync_config(server, "disk")) as sync:  # no root: a temporary folder of its own
+        sync.sync(buckets_of(load_tensors(models[2])), "disk-tmp")
+        root = sync.transport.root
+        assert os.listdir(root)
+    del sync
+    gc.collect()
+    assert not os.path.exists(root)
+    _assert_serves(server, references[2], "disk-tmp")  # the engine serves what it loaded
+    # the engine's model path is gone now: a disk sync asks for the source files by their setting, before
+    # generation is paused (the engine goes on serving its weights)
+    settings = dict(fp8="off", retries=0)  # (fp8 'auto' would ask for the served folder first)
+    with WeightSync(_sync_config(server, "disk", transport_options={"root": str(tmp_path)}, **settings)) as sync:
+        with pytest.raises(ConfigError, match="weight_sync.disk.source_dir"):
+            sync.sync(buckets_of(load_tensors(models[3])), "disk-lost")
+    _assert_serves(server, references[2], "disk-tmp")
+    options = {"root": str(tmp_path / "kept"), "source_dir": models[0]}
+    with WeightSync(_sync_config(server, "disk", transport_options=options, **settings)) as sync:
+        sync.sync(buckets_of(load_tensors(models[3])), "disk-kept")  # (later tests read the served folder)
+    _assert_serves(server, references[3], "disk-kept")
 
 
 def test_a_sync_asks_model_info_once_and_checks_names_from_the_kept_manifest(server, models, references):

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -29,11 +30,13 @@ logger = logging.getLogger(__name__)
 
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.safetensors\.index\.json|\.bin\.index\.json)$")
 _FOLDER = re.compile(r"^weights-(\d{6})-")
+_PARTIAL = re.compile(r"^\.partial-(\d{6})$")
 
 
 @dataclass(frozen=True)
 class DiskTransportConfig:
-    """``root``: where update folders go (None: a new temporary folder, for engines on this host).
+    """``root``: where update folders go (None: a new temporary folder, for engines on this host, removed with
+    the transport, at the latest when the process exits; engines keep the weights they loaded).
     ``source_dir``: the served model's HF folder whose config and tokenizer files are copied (None: the
     ``model_path`` the first engine reports). ``keep``: how many update folders to keep (the newest)."""
 
@@ -67,10 +70,13 @@ class DiskTransport:
         self.config = config
         self.root = config.root or tempfile.mkdtemp(prefix="alp-weights-")
         os.makedirs(self.root, exist_ok=True)
+        if config.root is None:  # a temporary folder of ours, with a model copy in it: gone with this transport
+            weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
         self.source_dir = config.source_dir
         self._engines: list[EngineTarget] = []
         self._staging: Optional[str] = None
         self._weight_map: dict[str, str] = {}
+        self._remove_unfinished()
         self._sequence = self._last_sequence()
 
     @property
@@ -149,6 +155,13 @@ class DiskTransport:
     def _last_sequence(self) -> int:
         numbers = [int(_FOLDER.match(os.path.basename(f)).group(1)) for f in self._folders()]
         return max(numbers, default=0)
+
+    def _remove_unfinished(self) -> None:
+        """Folders of updates a crash left unfinished (a later update would take their names)."""
+        for name in os.listdir(self.root):
+            if _PARTIAL.match(name):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                logger.info("removed the unfinished update folder %s", os.path.join(self.root, name))
 
     def _remove_old(self) -> None:
         for folder in self._folders()[:-self.config.keep]:

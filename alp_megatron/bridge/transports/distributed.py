@@ -208,7 +208,8 @@ class DistributedTransport:
             raise TransportError("distributed transport: push() before connect(engines)")
         bucket = aligned_order(bucket)
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        bucket = [(name, tensor.to(device, non_blocking=True)) for name, tensor in bucket]
+        # non_blocking only onto the GPU: a non-blocking copy to the CPU can still be running when the CPU reads it
+        bucket = [(name, tensor.to(device, non_blocking=device.type == "cuda")) for name, tensor in bucket]
         flat, _ = flatten_bucket(bucket, allocate=self._staging.get)
         names = [name for name, _ in bucket]
         dtypes = [dtype_name(tensor.dtype) for _, tensor in bucket]
