@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="checkpoints, metrics.jsonl, logs, HF export (run.output_dir)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output directory")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the config and overrides, print the resolved config, and exit (starts nothing)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser
 
@@ -40,7 +42,7 @@ def _single_rank_environment() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may come before or after the options
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
@@ -53,9 +55,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides.append(f"run.output_dir={args.output_dir}")
     try:
         config = load_run_config(args.config, tuple(overrides))
+        if args.check_config:
+            from alp_megatron.trainer.build import check_run_inputs
+
+            check_run_inputs(config)
     except AlpError as error:
         print(f"alp-train: {error}", file=sys.stderr)
         return 2
+    if args.check_config:
+        import yaml
+
+        from alp_megatron.config_loading import to_dict
+
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return 0
     _single_rank_environment()
     from alp_megatron.trainer.loop import run
 

@@ -7,11 +7,15 @@ type and value at start, naming the field and the fix.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from alp_megatron.alp.loss import LossConfig
 from alp_megatron.alp.perturbation import PerturbationConfig
+from alp_megatron.bridge.transports.disk import DiskTransportConfig
+from alp_megatron.bridge.transports.distributed import DistributedTransportConfig
+from alp_megatron.bridge.transports.tensor import TensorTransportConfig
 from alp_megatron.config_loading import build, load_yaml, merge, parse_overrides
 from alp_megatron.errors import ConfigError
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
@@ -23,7 +27,14 @@ from alp_megatron.trainer.engine import OptimizerSettings
 from alp_megatron.trainer.metrics import MetricsConfig
 
 ROLLOUT_MODES = ("colocated", "disaggregated")
-TRANSPORTS = ("tensor", "distributed", "disk")
+LABEL_REWARDS = ("math", "exact_match", "positional_match")  # built-in rewards that compare with the label
+
+# The ServerConfig fields of each launched server, and the run config fields they come from.
+_SERVER_SETTINGS = {"tp_size": "rollout.server_tp_size", "dtype": "rollout.server_dtype",
+                    "mem_fraction": "rollout.server_mem_fraction", "extra_args": "rollout.server_extra_args",
+                    "host": "rollout.host", "api_key": "rollout.api_key",
+                    "startup_timeout_s": "rollout.startup_timeout_s"}
+_SET_BY_THE_TRAINER = {**_SERVER_SETTINGS, "base_gpu_id": "rollout.server_first_gpu", "model_path": "model.hf_path"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,11 @@ class DataSection:
                               "set data.toy_task (e.g. rev4) or data.paths (JSONL/Parquet files) and null the other")
         if self.prompts_per_step < 1:
             raise ConfigError("data.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}", "use e.g. 32")
+        if self.seed < 0:
+            raise ConfigError("data.seed", f"must be >= 0, got {self.seed}", "use any non-negative integer")
+        if self.max_prompt_tokens < 1:
+            raise ConfigError("data.max_prompt_tokens", f"must be >= 1, got {self.max_prompt_tokens}",
+                              "use the longest prompt, in tokens, to keep (longer ones are skipped)")
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,30 @@ class RolloutSection:
                               "use 0, 1, ... or null for the default placement")
         if self.servers < 1 and not self.server_urls:
             raise ConfigError("rollout.servers", "must be >= 1", "launch at least one SGLang server")
+        for name, url in [(f"rollout.server_urls[{i}]", u) for i, u in enumerate(self.server_urls)] + [
+                ("rollout.router_url", self.router_url)]:
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(name, f"{url!r} is not an http(s) URL",
+                                  "give the base URL, e.g. http://10.0.0.5:30000")
+        if self.groups_in_flight < 1:
+            raise ConfigError("rollout.groups_in_flight", f"must be >= 1, got {self.groups_in_flight}",
+                              "use e.g. 64 (concurrent /generate calls)")
+        if not self.server_urls:
+            _check_launch_settings(self)
+
+
+def _check_launch_settings(rollout: "RolloutSection") -> None:
+    """The settings each launched server gets, checked now (not after the model has loaded), by their names here."""
+    from alp_megatron.rollout.server import ServerConfig
+
+    settings = {name: getattr(rollout, key.split(".")[1]) for name, key in _SERVER_SETTINGS.items()}
+    try:
+        ServerConfig(model_path="the-model-of-model.hf_path", **settings)
+    except ConfigError as error:
+        fix = re.sub(r"set ServerConfig\.(\w+) instead",
+                     lambda m: (f"set {_SET_BY_THE_TRAINER[m.group(1)]} instead" if m.group(1) in _SET_BY_THE_TRAINER
+                                else "leave it out: the trainer sets it"), error.fix)
+        raise ConfigError(_SERVER_SETTINGS.get(error.field, f"rollout.{error.field}"), error.problem, fix) from None
 
 
 @dataclass(frozen=True)
@@ -156,7 +196,9 @@ class WeightSyncSection:
     ``disk``. ``bucket_bytes``: the most bytes exported and sent at once. ``fp8``: ``auto`` quantises to
     128x128 block FP8 when the served checkpoint is FP8, ``on``/``off`` force it; ``fp8_scale_format``:
     ``fp32`` (FP8 checkpoints) or ``ue8m0`` (power-of-two scales, DeepGEMM on Blackwell);
-    ``fp8_ignored_layers``: module paths the engines keep unquantised beyond the checkpoint's own list."""
+    ``fp8_ignored_layers``: module paths the engines keep unquantised beyond the checkpoint's own list.
+    ``tensor``, ``distributed``, ``disk``: the chosen transport's own settings (e.g. ``disk.root``, a folder
+    the engines can read, for engines on other hosts; ``distributed.master_address``)."""
 
     transport: str = "tensor"
     bucket_bytes: int = 256 * 2**20
@@ -166,18 +208,26 @@ class WeightSyncSection:
     fp8_ignored_layers: tuple[str, ...] = ()
     retries: int = 1
     verify_every: int = 0  # steps between full weight-equality checks of the engines (0: never)
+    check_names: bool = True  # check each bucket against the served checkpoint's names and shapes, when readable
+    tensor: TensorTransportConfig = field(default_factory=TensorTransportConfig)
+    distributed: DistributedTransportConfig = field(default_factory=DistributedTransportConfig)
+    disk: DiskTransportConfig = field(default_factory=DiskTransportConfig)
+
+    def transport_options(self) -> dict:
+        """The chosen transport's settings, as :class:`WeightSyncConfig` takes them."""
+        from dataclasses import asdict
+
+        return asdict(getattr(self, self.transport))
 
     def __post_init__(self):
-        if self.transport not in TRANSPORTS:
-            raise ConfigError("weight_sync.transport", f"{self.transport!r} is not a transport",
-                              f"use one of {TRANSPORTS}")
+        from alp_megatron.bridge.weight_sync import check_sync_options
+
+        check_sync_options(self.transport, self.pause_mode, self.fp8, self.fp8_scale_format, self.retries)
         if self.bucket_bytes < 2**16:
             raise ConfigError("weight_sync.bucket_bytes", f"{self.bucket_bytes} is too small", "use >= 64 KiB")
-        from alp_megatron.bridge.fp8 import SCALE_FORMATS
-
-        if self.fp8_scale_format not in SCALE_FORMATS:
-            raise ConfigError("weight_sync.fp8_scale_format", f"{self.fp8_scale_format!r} is not a scale format",
-                              f"use one of {SCALE_FORMATS}")
+        if self.verify_every < 0:
+            raise ConfigError("weight_sync.verify_every", f"must be >= 0, got {self.verify_every}",
+                              "use 0 (never) or the number of steps between full weight-equality checks")
 
 
 @dataclass(frozen=True)
@@ -204,6 +254,11 @@ class RunConfig:
                               f"loss.method={self.loss.method} is a baseline trained on the unperturbed policy, "
                               "but the ALP perturbation is on",
                               "set alp.enabled=false for the baselines, or use loss.method=alp_seq / alp_token")
+        if self.reward.function in LABEL_REWARDS and self.data.paths and self.data.label_field is None:
+            raise ConfigError("data.label_field", f"is null, but reward.function={self.reward.function} compares "
+                              "each response with its row's label",
+                              "name the dataset field that holds the answer (e.g. label), or use a reward "
+                              "function that needs no label")
         if self.actor.temperature != self.rollout.sampling.temperature:
             raise ConfigError("actor.temperature",
                               f"{self.actor.temperature} differs from rollout.sampling.temperature "

@@ -135,11 +135,26 @@ def merge(base: dict, updates: Mapping) -> dict:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str) -> dict:
-    """The mapping in YAML file ``path`` (empty file: ``{}``); a syntax error names the file and line."""
+    """The mapping in YAML file ``path`` (empty file: ``{}``); a syntax error or a key given twice names the
+    file and line."""
     try:
         with open(path) as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError("--config", f"file {path} does not exist", "pass the path of a YAML run config") from None
     except yaml.YAMLError as error:

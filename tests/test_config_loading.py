@@ -68,3 +68,7 @@ def test_bad_files_and_overrides(tmp_path):
         load_yaml(str(bad))
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_overrides(["inner.lr"])
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("inner:\n  lr: 1\nname: a\ninner:\n  steps: 2\n")  # PyYAML alone keeps the last
+    with pytest.raises(ConfigError, match=r"the key 'inner' is given twice\n  in .*twice.yaml\", line 4"):
+        load_yaml(str(twice))

@@ -40,7 +40,7 @@ def read_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # an unclosed object is reported where it ends
             except json.JSONDecodeError as error:
                 raise DataError(
                     path, line_number, None, f"invalid JSON ({error.msg} at column {error.colno})",

@@ -139,6 +139,15 @@ class ModelConfig:
                 "model.fp8", "FP8 training needs the Transformer Engine backend",
                 "set model.backend=transformer_engine (GPU) or model.fp8=null",
             )
+        if self.extra:
+            import dataclasses
+
+            from megatron.core.transformer import TransformerConfig
+
+            unknown = sorted(set(self.extra) - {f.name for f in dataclasses.fields(TransformerConfig)})
+            if unknown:
+                raise ConfigError("model.megatron.extra", f"{', '.join(unknown)} is not a field of Megatron's "
+                                  "TransformerConfig", "name TransformerConfig fields only (e.g. attention_dropout)")
 
 
 def initialize_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> int:

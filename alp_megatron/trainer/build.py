@@ -12,7 +12,7 @@ import torch.distributed as dist
 import yaml
 
 from alp_megatron.config_loading import to_dict
-from alp_megatron.errors import AlpError
+from alp_megatron.errors import AlpError, ConfigError
 from alp_megatron.trainer.checkpoint import find_latest_checkpoint, load_checkpoint
 from alp_megatron.trainer.policy import Policy
 from alp_megatron.trainer.weight_update import TrainerWeightSync, check_transport_reaches_engines
@@ -81,6 +81,7 @@ class RunState:
 def _base_model(config) -> str:
     """The HF checkpoint the run starts from; the embedded tiny model is built (once) by rank 0."""
     if config.model.hf_path:
+        check_model_folder(config.model.hf_path)
         return config.model.hf_path
     path = os.path.join(config.run.output_dir, "base_model")
     if dist.get_rank() == 0:
@@ -110,7 +111,22 @@ def _prompt_batches(config, tokenizer, position: Optional[dict]):
                          position=DataPosition.from_dict(position) if position else None)
 
 
-def _reward_function(config):
+def check_model_folder(hf_path: str) -> None:
+    if not os.path.isfile(os.path.join(hf_path, "config.json")):
+        raise ConfigError("model.hf_path", f"{hf_path!r} is not a folder with a config.json",
+                          "point it at a Hugging Face checkpoint folder (config.json, safetensors, tokenizer); "
+                          "download hub models first, e.g. with `hf download`")
+
+
+def check_run_inputs(config) -> None:
+    """What can be checked before anything starts, beyond the config's own checks: the model folder and the
+    reward function (the dataset rows are checked when rank 0 reads them, before the model is built)."""
+    if config.model.hf_path:
+        check_model_folder(config.model.hf_path)
+    reward_function(config)
+
+
+def reward_function(config):
     from alp_megatron.data.toy import toy_task
     from alp_megatron.rewards.base import load_reward_function
     from alp_megatron.rewards.math_verifier import MathVerifier
@@ -142,7 +158,7 @@ def build_run(config, resume: bool) -> RunState:
     tokenizer = engines = schedule = reward_fn = metrics_logger = batches = None
     if rank0:  # data and rewards first: a bad row or reward path fails before anything heavy starts
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        reward_fn = _reward_function(config)
+        reward_fn = reward_function(config)
         batches = _prompt_batches(config, tokenizer, None)
     policy = Policy.build(config, hf_dir)
     trainer_state: dict = {}

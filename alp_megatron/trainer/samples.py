@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from alp_megatron.alp.advantages import grpo_advantages
-from alp_megatron.rewards.base import compute_reward
+from alp_megatron.rewards.base import RewardError, compute_reward
 from alp_megatron.rollout.types import RolloutBatch, Sample
 from alp_megatron.trainer.batch import TrainingBatch, build_training_batch
 
@@ -50,7 +50,10 @@ def score_rollout(rollout: RolloutBatch, prompts: dict[int, Any], reward_fn, tok
     for sample in samples:
         prompt = prompts[sample.group_id]
         text = tokenizer.decode(sample.response_ids, skip_special_tokens=False)
-        sample.reward = compute_reward(reward_fn, prompt.prompt_text, text, prompt.label, dict(prompt.metadata))
+        try:
+            sample.reward = compute_reward(reward_fn, prompt.prompt_text, text, prompt.label, dict(prompt.metadata))
+        except RewardError as error:  # say which dataset row: a bad label is fixed there
+            raise RewardError(f"{prompt.source}, row {prompt.row}: {error}") from None
         versions = [span.version for span in sample.weight_versions] or [sample.weight_version]
         sample.metadata["staleness"] = policy_version - min(version_number(v) for v in versions)
         rewards.append(sample.reward)

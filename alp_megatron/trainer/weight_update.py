@@ -56,7 +56,9 @@ class TrainerWeightSync:
             self.sync = WeightSync(WeightSyncConfig(engines=engines, transport=section.transport,
                                                     pause_mode=section.pause_mode, fp8=section.fp8,
                                                     fp8_scale_format=section.fp8_scale_format,
-                                                    fp8_ignored_layers=section.fp8_ignored_layers, retries=0))
+                                                    fp8_ignored_layers=section.fp8_ignored_layers, retries=0,
+                                                    transport_options=section.transport_options(),
+                                                    check_names=section.check_names))
 
     def update(self, policy, weight_version: str) -> dict:
         """Push ``policy``'s weights to every engine as ``weight_version``. Collective; returns metrics."""
@@ -71,6 +73,9 @@ class TrainerWeightSync:
                     outcome = [True, f"{report.buckets} buckets, {report.bytes / 2**20:.1f} MiB"]
                 except AlpError as error:
                     outcome = [False, str(error)]
+                except Exception as error:  # noqa: BLE001 - broadcast below, else the other ranks wait alone
+                    logger.exception("weight update to %s raised", weight_version)
+                    outcome = [False, f"{type(error).__name__}: {error}"]
                 finally:
                     buckets.drain()  # the other ranks are still in the export's collectives
             else:

@@ -34,3 +34,11 @@ def test_invalid_json_names_the_line_and_column(tmp_path):
         list(read_rows(str(path)))
     assert (info.value.row, info.value.field) == (2, None)
     assert str(info.value).startswith(f"{path}, line 2: invalid JSON (Expecting value at column 7)")
+
+
+def test_an_unclosed_object_is_reported_where_the_line_ends(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1, "b": 2\n{"a": 3}\n')
+    with pytest.raises(DataError) as info:
+        list(read_rows(str(path)))
+    assert "line 1: invalid JSON (Expecting ',' delimiter at column 16)" in str(info.value)

@@ -85,3 +85,16 @@ def test_disaggregated_sbatch_serves_on_one_node_and_trains_on_the_other(slurm, 
     records = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in records] == [0, 1]
     assert records[-1]["weight_version"] == 2
+
+
+def test_disaggregated_sbatch_checks_the_config_before_any_server_starts(slurm, tmp_path):
+    env = {"CONFIG": os.path.join(REPO, "examples", "cpu_tiny.yaml"), "OUTPUT_DIR": str(tmp_path / "run"),
+           "PYTHON": sys.executable, "GPUS_PER_NODE": "2", "MODEL_PATH": str(tmp_path), "API_KEY": "slurm-test-key",
+           "SERVER_TP": "1", "ALP_OVERRIDES": "rollout.sampling.temprature=1.0"}
+    job = slurm.sbatch(os.path.join(REPO, "launch", "slurm_disaggregated.sbatch"), "--nodes=2",
+                       f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out", env=env)
+    info = slurm.wait_job(job, timeout=300)
+    log = open(f"{tmp_path}/slurm-{job}.out").read()
+    assert info.get("JobState") == "FAILED", log[-4000:]
+    assert "config field 'rollout.sampling.temprature': is not a known setting" in log
+    assert not [name for name in os.listdir(tmp_path) if "sglang" in name]  # no server was started
