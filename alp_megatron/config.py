@@ -254,8 +254,9 @@ class RunConfig:
                               f"loss.method={self.loss.method} is a baseline trained on the unperturbed policy, "
                               "but the ALP perturbation is on",
                               "set alp.enabled=false for the baselines, or use loss.method=alp_seq / alp_token")
-        if self.reward.function in LABEL_REWARDS and self.data.paths and self.data.label_field is None:
-            raise ConfigError("data.label_field", f"is null, but reward.function={self.reward.function} compares "
+        reward = self.reward.function or "math"  # a dataset's default reward
+        if reward in LABEL_REWARDS and self.data.paths and self.data.label_field is None:
+            raise ConfigError("data.label_field", f"is null, but reward.function={reward} compares "
                               "each response with its row's label",
                               "name the dataset field that holds the answer (e.g. label), or use a reward "
                               "function that needs no label")

@@ -70,6 +70,8 @@ def test_a_label_reward_needs_a_label_field(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_run_config(None, (*dataset, "data.label_field=null"))
     assert error.value.field == "data.label_field"
+    with pytest.raises(ConfigError, match="reward.function=math"):  # the default reward of a dataset
+        load_run_config(None, (*dataset[:2], "data.label_field=null"))
     assert load_run_config(None, dataset).data.label_field == "label"
 
 
