@@ -8,7 +8,7 @@ type and value at start, naming the field and the fix.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from alp_megatron.alp.loss import LossConfig
@@ -215,8 +215,6 @@ class WeightSyncSection:
 
     def transport_options(self) -> dict:
         """The chosen transport's settings, as :class:`WeightSyncConfig` takes them."""
-        from dataclasses import asdict
-
         return asdict(getattr(self, self.transport))
 
     def __post_init__(self):

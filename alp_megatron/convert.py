@@ -54,7 +54,7 @@ def hf_to_mcore(args: argparse.Namespace) -> None:
     chunks = _build(arch, parallel, config)
     say = _say_on_rank0()
     say(f"{arch.architecture} from {args.hf} at tp={args.tp} pp={args.pp} ep={args.ep}")
-    loading = ByteProgress("alp-convert: loading rank 0's shards of the HF weights", say, args.progress_every_s)
+    loading = ByteProgress("loading rank 0's shards of the HF weights", say, args.progress_every_s)
     load_hf_weights(chunks, args.hf, arch, progress=loading)
     loading.done()
     with _phase(say, f"writing the Megatron checkpoint {args.out}"):
@@ -79,20 +79,20 @@ def mcore_to_hf(args: argparse.Namespace) -> None:
     with _phase(say, f"loading the Megatron checkpoint {args.ckpt} at tp={args.tp} pp={args.pp} ep={args.ep}"):
         load_megatron_checkpoint(chunks, args.ckpt)
     dtype = getattr(torch, args.dtype or _config_dtype(config))
-    writing = ByteProgress(f"alp-convert: gathering and writing the HF folder {args.out}", say, args.progress_every_s)
+    writing = ByteProgress(f"gathering and writing the HF folder {args.out}", say, args.progress_every_s)
     save_hf_folder(chunks, hf_dir, args.out, tokenizer_dir=hf_dir, dtype=dtype, progress=writing)
     writing.done()
 
 
 def _say_on_rank0() -> Callable[[str], None]:
     """Writes progress lines on rank 0's stderr; the other ranks do the same work and stay quiet."""
-    import torch.distributed as dist
+    from alp_megatron.bridge.hf_folder import is_rank0
 
-    quiet = dist.is_initialized() and dist.get_rank() != 0
+    quiet = not is_rank0()
 
     def say(line: str) -> None:
         if not quiet:
-            print(line if line.startswith("alp-convert: ") else f"alp-convert: {line}", file=sys.stderr, flush=True)
+            print(f"alp-convert: {line}", file=sys.stderr, flush=True)
 
     return say
 

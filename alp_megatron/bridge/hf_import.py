@@ -119,12 +119,12 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], hf_dir: str, arch: 
             + "; ".join(problem for problem, _ in problems),
             "; ".join(dict.fromkeys(f for _, f in problems)) + "; nothing was loaded",
         )
-    total = sum(b.param.numel() * b.param.element_size() for b in bindings)
-    loaded = 0
+    sizes = [b.param.numel() * b.param.element_size() for b in bindings]
+    total, loaded = sum(sizes), 0
     with weights, torch.no_grad():
-        for binding in bindings:
+        for binding, size in zip(bindings, sizes):
             binding.param.copy_(_local_shard(weights, binding, arch, ranks))
-            loaded += binding.param.numel() * binding.param.element_size()
+            loaded += size
             if progress is not None:
                 progress(loaded, total)
 

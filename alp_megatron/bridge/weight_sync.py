@@ -24,7 +24,6 @@ outcome is shared with the other ranks.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -426,7 +425,6 @@ class ServedManifest:
                 + ". Fix: export every tensor of the served architecture under its HF name and shape "
                 "(or set weight_sync.check_names to false for a model the served folder does not describe)")
 
-
     def _not_exported(self, name: str) -> bool:
         # an lm_head saved beside tied embeddings: the model reads the embedding, SGLang skips the copy
         return name.endswith(self._NOT_EXPORTED) or (self._tied_embeddings and name == "lm_head.weight")
@@ -434,10 +432,12 @@ class ServedManifest:
 
 def _ties_embeddings(model_dir: str) -> bool:
     """Whether the served checkpoint's ``config.json`` ties the output layer to the embedding."""
+    from alp_megatron.bridge.hf_folder import read_hf_config
+    from alp_megatron.bridge.mapping import WeightMappingError
+
     try:
-        with open(os.path.join(model_dir, "config.json")) as handle:
-            config = json.load(handle)
-    except (OSError, ValueError):
+        config = read_hf_config(model_dir)
+    except WeightMappingError:  # no readable config.json: nothing is known to be tied
         return False
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     return bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
