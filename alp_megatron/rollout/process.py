@@ -19,9 +19,11 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import requests
+
+from alp_megatron.rollout import reaper
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +159,7 @@ class ManagedProcess:
                 start_new_session=True,
             )
         _live.add(self)
+        reaper.watch(self._popen.pid, self.leader_stop_signal, self.shared_memory_prefixes)
         logger.info("%s started: pid %d, log %s", self.name, self._popen.pid, self.log_path)
 
     def is_alive(self) -> bool:
@@ -172,38 +175,20 @@ class ManagedProcess:
                                     if os.path.basename(path).startswith(self.shared_memory_prefixes)}
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Send ``leader_stop_signal`` to the leader (if set) and give the group a moment to exit; then
-        SIGTERM the process group, wait up to ``timeout`` s, and SIGKILL what still runs of it. Finally
-        unlink the noted shared-memory files the group left behind."""
+        """Stop the group (:func:`stop_group`: ``leader_stop_signal`` to the leader, SIGTERM to the group,
+        SIGKILL after ``timeout`` s), then unlink the noted shared-memory files the group left behind."""
         if self._popen is None:
             return
         group = self._popen.pid  # start_new_session: the group id is the leader's pid
         self.note_shared_memory()
-        if self.leader_stop_signal is not None and self._popen.poll() is None:
-            self._popen.send_signal(self.leader_stop_signal)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and group_running(group):
-                time.sleep(0.02)
-        if group_running(group):
-            _signal_group(group, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and group_running(group):
-                self._popen.poll()
-                time.sleep(0.1)
-            if group_running(group):
-                logger.warning("%s (group %d) still ran %.0f s after SIGTERM; sending SIGKILL",
-                               self.name, group, timeout)
-                _signal_group(group, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while group_running(group) and time.monotonic() < deadline:
-                    self._popen.poll()
-                    time.sleep(0.05)
+        gone = stop_group(group, self.name, self.leader_stop_signal, timeout, reap=self._popen.poll)
         try:
             self._popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-        if not group_running(group):
+        if gone:
             self._unlink_shared_memory()
+            reaper.forget(group)
         _live.discard(self)
 
     def _unlink_shared_memory(self) -> None:
@@ -367,6 +352,47 @@ class ManagedService:
         self.stop()
 
 
+def stop_group(group: int, name: str, leader_stop_signal: Optional[int] = None, timeout: float = 20.0,
+               reap: Callable[[], object] = lambda: None) -> bool:
+    """Stop process group ``group``: send ``leader_stop_signal`` (if set) to its leader alone and give the
+    group 5 s to exit; then SIGTERM the group, wait up to ``timeout`` s, and SIGKILL what still runs of it.
+    ``reap`` is called while waiting (the launcher's ``Popen.poll``, so that its exited leader is reaped).
+    Returns whether the group is gone. Works for any group, also one whose launcher has died."""
+    if leader_stop_signal is not None and leads_group(group):
+        _signal_pid(group, leader_stop_signal)
+        _wait_group_exit(group, 5.0, reap)
+    if group_running(group):
+        _signal_group(group, signal.SIGTERM)
+        if not _wait_group_exit(group, timeout, reap):
+            logger.warning("%s (group %d) still ran %.0f s after SIGTERM; sending SIGKILL", name, group, timeout)
+            _signal_group(group, signal.SIGKILL)
+            _wait_group_exit(group, 10.0, reap)
+    return not group_running(group)
+
+
+def _wait_group_exit(group: int, timeout: float, reap: Callable[[], object]) -> bool:
+    deadline = time.monotonic() + timeout
+    while group_running(group):
+        reap()
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def leads_group(group: int) -> bool:
+    """Whether a running (not zombie) process with pid ``group`` leads process group ``group``: a pid
+    reused by an unrelated process does not."""
+    return any(pid == group and pgrp == group for pid, _, pgrp, _ in _running_processes(only=group))
+
+
 def _signal_group(group: int, sig: int) -> bool:
     try:
         os.killpg(group, sig)
@@ -384,10 +410,11 @@ def group_running(group: int) -> bool:
     return bool(group_members(group))
 
 
-def _running_processes() -> Iterator[tuple[int, int, int, int]]:
-    """``(pid, ppid, process group, session)`` of every process that runs (Linux ``/proc``; not zombies)."""
+def _running_processes(only: Optional[int] = None) -> Iterator[tuple[int, int, int, int]]:
+    """``(pid, ppid, process group, session)`` of every process that runs (Linux ``/proc``; not zombies), or of
+    process ``only``."""
     try:
-        entries = os.listdir("/proc")
+        entries = [str(only)] if only is not None else os.listdir("/proc")
     except OSError:
         return
     for entry in entries:
@@ -414,7 +441,7 @@ def stop_unrecorded_launches() -> list[int]:
     and its record. Returns those group ids. Only for programs whose every such child is a launch of this
     module (other libraries may start sessions too)."""
     recorded = {process.pid for process in _live}
-    stopped = []
+    stopped = []  # (the reaper leads a session too, and session_leading_children leaves it out)
     for pid in session_leading_children(os.getpid()):
         if pid not in recorded:
             logger.warning("stopping process group %d, launched here but never recorded", pid)
@@ -424,8 +451,10 @@ def stop_unrecorded_launches() -> list[int]:
 
 
 def session_leading_children(parent: int) -> list[int]:
-    """The running children of ``parent`` that lead a session of their own (launches of this module)."""
-    return [pid for pid, ppid, _, session in _running_processes() if ppid == parent and session == pid]
+    """The running children of ``parent`` that lead a session of their own: launches of this module (its
+    reaper, see :mod:`alp_megatron.rollout.reaper`, left out)."""
+    return [pid for pid, ppid, _, session in _running_processes()
+            if ppid == parent and session == pid and not reaper.is_reaper(pid)]
 
 
 def group_shared_memory(group: int) -> set[str]:
@@ -452,8 +481,9 @@ def group_shared_memory(group: int) -> set[str]:
 
 
 @atexit.register
-def _stop_leftovers() -> None:
+def stop_launched(why: str = "left running at exit", timeout: float = 5.0) -> None:
+    """Stop every process group this process launched and has not stopped yet."""
     for process in list(_live):
         if process.is_alive() or (process.pid is not None and group_running(process.pid)):
-            logger.warning("stopping %s (pid %s) left running at exit", process.name, process.pid)
-            process.stop(timeout=5)
+            logger.warning("stopping %s (pid %s): %s", process.name, process.pid, why)
+            process.stop(timeout=timeout)
