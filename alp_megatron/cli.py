@@ -69,14 +69,22 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
-    _single_rank_environment()
-    from alp_megatron.trainer.loop import run
+    from alp_megatron.launcher_watch import follow_launcher
 
+    watch = None
     try:
+        watch = follow_launcher()
+        _single_rank_environment()
+        from alp_megatron.trainer.loop import run
+
         run(config, resume=args.resume)
     except AlpError as error:
         logging.getLogger("alp-train").error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        if watch is None or not watch.gone.is_set():
+            raise
+        return 1  # the launcher died; the watch said so
     finally:
         import torch.distributed as dist
 

@@ -130,10 +130,20 @@ class RolloutEngines:
         """Stop the background loop and every process this object started (by process id)."""
         loop = getattr(self, "_loop", None)
         if loop is not None:
-            asyncio.run_coroutine_threadsafe(self.sampler.client.close(), loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(self._end_rollouts(), loop).result(timeout=30)
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join(timeout=30)
+            if not self._thread.is_alive():
+                loop.close()
         self._stop_processes()
+
+    async def _end_rollouts(self) -> None:
+        """Cancel the rollouts still in flight (a run stopped mid-rollout) and close the client."""
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sampler.client.close()
 
 
 def server_log_dir(output_dir: str) -> str:
