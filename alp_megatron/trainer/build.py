@@ -13,7 +13,7 @@ import yaml
 
 from alp_megatron.config_loading import to_dict
 from alp_megatron.errors import AlpError, ConfigError
-from alp_megatron.trainer.checkpoint import find_latest_checkpoint, load_checkpoint
+from alp_megatron.trainer.checkpoint import RunProgress, find_latest_checkpoint, load_checkpoint
 from alp_megatron.trainer.policy import Policy
 from alp_megatron.trainer.weight_update import TrainerWeightSync, check_transport_reaches_engines
 
@@ -161,7 +161,7 @@ def build_run(config, resume: bool) -> RunState:
         reward_fn = reward_function(config)
         batches = _prompt_batches(config, tokenizer, None)
     policy = Policy.build(config, hf_dir)
-    trainer_state: dict = {}
+    progress, resumed = RunProgress(), False
     if resume and latest:
         try:
             trainer_state = load_checkpoint(latest, policy.ddp_chunks, policy.optimizer, policy.scheduler)
@@ -174,31 +174,27 @@ def build_run(config, resume: bool) -> RunState:
                            f"{policy.arch.num_layers} layers, hidden {policy.arch.hidden_size}): "
                            f"{cause or error}. "
                            "Resume with the config that wrote it, or use another --output-dir") from error
-        policy.actor.optimizer_steps = trainer_state["optimizer_steps"]
-        logger.info("resumed from %s (next step %d)", latest, trainer_state["next_step"])
+        progress, resumed = RunProgress.from_state(trainer_state), True
+        progress.restore(policy.actor, batches)  # batches: rank 0's prompt stream, None elsewhere
+        logger.info("resumed from %s (next step %d)", latest, progress.next_step)
     elif resume:
         logger.warning("--resume: no checkpoint in %s; starting a new run", checkpoint_dir)
-    weight_version = trainer_state.get("weight_version", 0)
-    start_step = trainer_state.get("next_step", 0)
+    weight_version, start_step = progress.weight_version, progress.next_step
 
     urls, tp_sizes = (), ()
     if rank0:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.yaml"), "w") as handle:
             yaml.safe_dump(to_dict(config), handle, sort_keys=False)
-        if trainer_state.get("data_position"):
-            from alp_megatron.data.batches import DataPosition
-
-            batches.restore(DataPosition.from_dict(trainer_state["data_position"]))
         engines = RolloutEngines(config.rollout, hf_dir, server_log_dir(out), f"v{weight_version}",
                                  policy.arch.vocab_size,
                                  trainer_gpus_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         urls, tp_sizes = engines.worker_urls, engines.engine_tp_sizes
-        first_group = trainer_state.get("next_group_id", 0)
+        first_group = progress.next_group_id
         schedule = (OneStepOff(engines, batches, first_group) if config.rollout.one_step_off else
                     Synchronous(engines, batches, first_group, colocated=config.rollout.mode == "colocated"))
         metrics_logger = MetricsLogger(out, config.metrics, to_dict(config),
-                                       resume_after_step=start_step - 1 if trainer_state else None)
+                                       resume_after_step=start_step - 1 if resumed else None)
     weight_sync = TrainerWeightSync(config.weight_sync, urls, tp_sizes, config.rollout.api_key)
     state = RunState(
         config=config, policy=policy, weight_sync=weight_sync, checkpoint_dir=checkpoint_dir,
@@ -207,7 +203,7 @@ def build_run(config, resume: bool) -> RunState:
         * config.actor.micro_batch_size,
         pad_to_multiple=config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1,
         tokenizer=tokenizer, engines=engines, schedule=schedule, reward_fn=reward_fn,
-        metrics_logger=metrics_logger, last_saved_step=start_step - 1 if trainer_state else -1,
+        metrics_logger=metrics_logger, last_saved_step=start_step - 1 if resumed else -1,
     )
     if rank0:
         state.verify_prompts = [list(batches.source[i].prompt_ids) for i in range(min(2, len(batches.source)))]

@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -54,6 +54,48 @@ class CheckpointConfig:
                               "keep at least the latest checkpoint")
 
 
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a run stands, saved in every checkpoint beside the weights, the optimizer and the RNG states.
+
+    ``next_step``: the RL step a resumed run starts with. ``weight_version``: the version the engines hold.
+    ``optimizer_steps``: optimizer steps taken so far; they key the ALP noise (``NoiseSource``), so a resumed
+    run draws the noise the uninterrupted one would have. ``data_position`` (``DataPosition.to_dict``) and
+    ``next_group_id``: the rollout side's position (``Synchronous.resume_state``), so a resumed run trains
+    on the prompts and group ids the uninterrupted one would have. Written by :meth:`after_step` in the
+    loop, read back and applied by :meth:`from_state` and :meth:`restore` when a run resumes.
+    """
+
+    next_step: int = 0
+    weight_version: int = 0
+    optimizer_steps: int = 0
+    data_position: Optional[dict] = None
+    next_group_id: int = 0
+
+    @classmethod
+    def after_step(cls, step: int, weight_version: int, actor, rollout_state: dict) -> "RunProgress":
+        """The progress after RL step ``step`` (0-based) of a run whose ``actor`` trained it."""
+        return cls(next_step=step + 1, weight_version=weight_version, optimizer_steps=actor.optimizer_steps,
+                   data_position=rollout_state.get("data_position"),
+                   next_group_id=rollout_state.get("next_group_id", 0))
+
+    @classmethod
+    def from_state(cls, trainer_state: dict) -> "RunProgress":
+        """The progress in a trainer state that :func:`load_checkpoint` returned."""
+        return cls(**{name: trainer_state[name] for name in asdict(cls()) if name in trainer_state})
+
+    def to_state(self) -> dict:
+        return asdict(self)
+
+    def restore(self, actor, prompt_batches=None) -> None:
+        """Continue ``actor``'s optimizer-step count and (global rank 0) ``prompt_batches``' position."""
+        from alp_megatron.data.batches import DataPosition
+
+        actor.optimizer_steps = self.optimizer_steps
+        if prompt_batches is not None and self.data_position:
+            prompt_batches.restore(DataPosition.from_dict(self.data_position))
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -64,6 +106,10 @@ def _model_sharded_state(ddp_chunks: list) -> dict:
 
 
 def _rng_state() -> dict:
+    """This rank's RNG states. The ALP noise and SGLang's sampling are seeded by their own keys, so on the
+    default config (no dropout) nothing reads them; with dropout on (``model.megatron.extra``
+    ``hidden_dropout`` / ``attention_dropout``) the masks come from the torch and tracker states, and a resume
+    repeats them only with these restored (tests/trainer/test_checkpoint.py resumes with dropout on)."""
     from megatron.core import tensor_parallel
 
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),

@@ -12,7 +12,8 @@ import time
 
 import torch.distributed as dist
 
-from alp_megatron.trainer.checkpoint import save_checkpoint
+from alp_megatron.trainer.checkpoint import RunProgress, save_checkpoint
+from alp_megatron.trainer.metrics import write_rollouts
 from alp_megatron.trainer.samples import pack_training_batch, score_rollout
 from alp_megatron.trainer.build import RunState, build_run
 
@@ -26,17 +27,7 @@ def run(config, resume: bool = False) -> RunState:
     try:
         for step in range(state.start_step, config.run.steps):
             started = time.perf_counter()
-            packed = None
-            if rank0:
-                rollout = state.schedule.next_rollout()
-                scored = score_rollout(rollout.batch, rollout.prompts, state.reward_fn, state.tokenizer,
-                                       policy_version=state.weight_version)
-                packed = [pack_training_batch(scored, config.reward.advantage == "grpo", state.divisible_by,
-                                              state.tokenizer.pad_token_id or 0, state.pad_to_multiple,
-                                              policy.arch.max_position_embeddings, first_sample_id=step * 10**6),
-                          {**scored.metrics, "time_rollout": rollout.seconds}]
-            packed = _broadcast(packed)
-            batch, metrics = packed
+            batch, metrics = _broadcast(_next_batch(state, step) if rank0 else None)
             train_start = time.perf_counter()
             if rank0:
                 state.schedule.before_train()
@@ -51,7 +42,8 @@ def run(config, resume: bool = False) -> RunState:
             if config.weight_sync.verify_every and (step + 1) % config.weight_sync.verify_every == 0:
                 metrics.update(state.verify_engines())
             metrics.update(_training_metrics(report, policy.sigma_by_layer(), policy.noise_ratio_by_layer()),
-                           weight_version=state.weight_version, time_step=time.perf_counter() - started)
+                           weight_version=state.weight_version, run_start_step=state.start_step,
+                           time_step=time.perf_counter() - started)
             if rank0:
                 record = state.metrics_logger.write(step, metrics)
                 logger.info(_summary(step, config.run.steps, record))
@@ -66,10 +58,24 @@ def run(config, resume: bool = False) -> RunState:
     return state
 
 
+def _next_batch(state: RunState, step: int) -> list:
+    """Global rank 0: the step's rollout, scored and packed into ``[TrainingBatch or None, metrics]``."""
+    config = state.config
+    rollout = state.schedule.next_rollout()
+    scored = score_rollout(rollout.batch, rollout.prompts, state.reward_fn, state.tokenizer,
+                           policy_version=state.weight_version)
+    batch = pack_training_batch(scored, config.reward.advantage == "grpo", state.divisible_by,
+                                state.tokenizer.pad_token_id or 0, state.pad_to_multiple,
+                                state.policy.arch.max_position_embeddings, first_sample_id=step * 10**6)
+    if config.metrics.save_rollouts and batch is not None:
+        write_rollouts(config.run.output_dir, step, scored.samples[:batch.size], batch)
+    return [batch, {**scored.metrics, "time_rollout": rollout.seconds}]
+
+
 def _save(state: RunState, step: int) -> None:
-    trainer_state = {"weight_version": state.weight_version, "optimizer_steps": state.policy.actor.optimizer_steps,
-                     "next_step": step + 1, **(state.schedule.resume_state() if state.schedule else {})}
-    trainer_state = _broadcast(trainer_state)  # rank 0 holds the data position; rank 0 writes it
+    progress = RunProgress.after_step(step, state.weight_version, state.policy.actor,
+                                      state.schedule.resume_state() if state.schedule else {})
+    trainer_state = _broadcast(progress.to_state())  # rank 0 holds the data position; rank 0 writes it
     save_checkpoint(state.checkpoint_dir, step + 1, state.policy.ddp_chunks, state.policy.optimizer,
                     state.policy.scheduler, trainer_state, state.config.checkpoint)
     state.last_saved_step = step

@@ -32,12 +32,16 @@ REQUIRED_KEYS = (
 class MetricsConfig:
     """``tensorboard``: write event files under ``<output_dir>/tensorboard``. ``wandb_project``: log to W&B
     (``pip install 'alp-megatron[wandb]'``; a resumed run continues the same W&B run; ``WANDB_MODE=offline``
-    works without a network). ``gpu_telemetry``: per-GPU utilisation/memory/power when a GPU exists."""
+    works without a network). ``gpu_telemetry``: per-GPU utilisation/memory/power when a GPU exists.
+    ``save_rollouts``: write every step's trained samples to ``<output_dir>/rollouts/step_<step>.jsonl``
+    (:func:`write_rollouts`), to inspect or recompute what the trainer saw; a debugging aid, not for long runs
+    at scale (a 32k-token response is about 0.8 MB of JSON)."""
 
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     wandb_run_name: Optional[str] = None
     gpu_telemetry: bool = True
+    save_rollouts: bool = False
 
     def __post_init__(self):
         if self.wandb_project is not None and not self.wandb_project.strip():
@@ -86,6 +90,25 @@ def read_metrics(path: str) -> list[dict]:
     """Every record of a ``metrics.jsonl``, in order."""
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_rollouts(output_dir: str, step: int, samples: list, batch) -> str:
+    """Write the samples of step ``step`` that the trainer trains on, one JSON object per line (``sample_id``,
+    ``group_id``, ``prompt_ids``, ``response_ids``, ``rollout_logprobs`` (the engine's, one per response token),
+    ``reward``, ``advantage``, ``finish_reason``, ``weight_versions``), to ``<output_dir>/rollouts/``
+    atomically. ``samples[i]`` is row ``i`` of the training ``batch``. Returns the file's path."""
+    path = os.path.join(output_dir, "rollouts", f"step_{step:08d}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lines = []
+    for sample, sample_id, advantage in zip(samples, batch.sample_ids.tolist(), batch.advantages.tolist()):
+        lines.append(json.dumps({
+            "sample_id": sample_id, "group_id": sample.group_id, "prompt_ids": list(sample.prompt_ids),
+            "response_ids": list(sample.response_ids), "rollout_logprobs": list(sample.rollout_logprobs),
+            "reward": sample.reward, "advantage": advantage, "finish_reason": sample.finish_reason,
+            "weight_versions": [span.version for span in sample.weight_versions] or [sample.weight_version],
+        }) + "\n")
+    write_text_atomically(path, "".join(lines))
+    return path
 
 
 class TensorBoardSink:
