@@ -31,6 +31,9 @@ TWO_RANKS = [
     Layout("pp2_vpp2_interleaved", DENSE, ParallelConfig(pipeline_parallel=2, virtual_pipeline_parallel=2)),
     Layout("dp2_distributed_optimizer", DENSE, distributed_optimizer=True),
     Layout("tp2_recompute", DENSE, ParallelConfig(tensor_parallel=2), ModelConfig(recompute="full")),
+    # 4 micro-batches through 2 stages: the first stage runs micro-batch 1's forward before micro-batch 0's
+    # backward recomputes, so only the replayed noise key (not the current one) gives the same noise
+    Layout("pp2_recompute", DENSE, ParallelConfig(pipeline_parallel=2), ModelConfig(recompute="full")),
     Layout("ep2_alltoall", MOE, ParallelConfig(expert_parallel=2), loss_method="alp_token"),
     Layout("ep2_allgather", MOE, ParallelConfig(expert_parallel=2), ModelConfig(moe_dispatcher="allgather"),
            loss_method="alp_token"),

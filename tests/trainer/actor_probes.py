@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -10,7 +11,8 @@ from alp_megatron.alp.loss import LossConfig
 from alp_megatron.model.provider import ParallelConfig
 from alp_megatron.trainer.actor import Actor, ActorConfig
 from alp_megatron.trainer.batch import build_training_batch
-from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, wrap_ddp
+from alp_megatron.alp.perturbation import PerturbationConfig
+from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, log_sigma_parameters, wrap_ddp
 from tests.model.layouts import ALP, Layout, arch_for, build, load_reference
 
 SAMPLES = 8
@@ -36,22 +38,45 @@ def local_parameter_sum(chunks) -> float:
     return float(sum(p.detach().double().sum() for chunk in chunks for p in chunk.parameters()))
 
 
+@torch.no_grad()
+def mismatch_k3_by_hand(model, batch) -> float:
+    """k3 of the batch's rollout logprobs against the single-rank ``model``'s own unperturbed logprobs,
+    computed here from a plain forward: mean over response tokens of exp(d) - 1 - d, d = trainer - rollout."""
+    from alp_megatron.alp.perturbation import alp_disabled
+
+    model.eval()
+    with alp_disabled(model):
+        logits = model(batch.tokens, batch.position_ids, None).double()
+    model.train()
+    trainer = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[..., None])[..., 0]
+    d = (trainer - batch.rollout_logprobs.double())[batch.loss_mask.bool()]
+    return float((torch.exp(d) - 1 - d).mean())
+
+
 def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_second: bool = False,
-              epochs: int = 1) -> dict:
-    layout = Layout("actor", parallel=parallel)
+              epochs: int = 1, alp: PerturbationConfig = ALP, sigma: Optional[float] = None) -> dict:
+    """``alp``: the perturbation (``enabled=False`` for the baselines); ``sigma``: every layer's sigma at the
+    start, instead of the reference weights' own."""
+    layout = Layout("actor", parallel=parallel, alp=alp)
     chunks = build(layout)
     load_reference(chunks, reference_dir)
+    if sigma is not None:
+        for log_sigma in log_sigma_parameters(chunks).values():
+            log_sigma.data.fill_(math.log(sigma))
     settings = OptimizerSettings(lr=1e-3, clip_grad=1.0)
     ddp_chunks = wrap_ddp(chunks, settings)
-    optimizer, scheduler = build_optimizer(ddp_chunks, settings, ALP)
+    optimizer, scheduler = build_optimizer(ddp_chunks, settings, alp)
     actor = Actor(ddp_chunks, optimizer, scheduler, LossConfig.for_method(method),
                   ActorConfig(num_mini_batches=2, epochs=epochs, micro_batch_size=2))
     vocab = arch_for(layout).vocab_size
-    reports, sums = [], []
+    reports, sums, k3_by_hand = [], [], []
     for seed in (1, 2, 3):
         before = local_parameter_sum(chunks)
-        report = actor.train(rollout_batch(seed, vocab, poison_advantages=poison_second and seed == 2))
+        batch = rollout_batch(seed, vocab, poison_advantages=poison_second and seed == 2)
+        if len(chunks) == 1 and parallel == ParallelConfig():
+            k3_by_hand.append(mismatch_k3_by_hand(chunks[0], batch))
+        report = actor.train(batch)
         sums.append((before, local_parameter_sum(chunks)))
         reports.append(dict(losses=report.losses, grad_norms=report.grad_norms, applied=report.applied,
                             skip_reasons=report.skip_reasons, metrics=report.metrics))
-    return dict(reports=reports, parameter_sums=sums, optimizer_steps=actor.optimizer_steps)
+    return dict(reports=reports, parameter_sums=sums, optimizer_steps=actor.optimizer_steps, k3_by_hand=k3_by_hand)

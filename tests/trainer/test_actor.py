@@ -9,7 +9,7 @@ from alp_megatron.model.provider import ParallelConfig
 from alp_megatron.trainer.batch import build_training_batch
 from alp_megatron.errors import AlpError
 from tests.distributed import run_ranks
-from tests.model.layouts import Layout, save_reference
+from tests.model.layouts import ALP, Layout, save_reference
 from tests.trainer.actor_probes import run_actor
 
 pytestmark = pytest.mark.megatron
@@ -68,9 +68,34 @@ def test_epochs_repeat_the_mini_batches(reference_dir, single_rank):
 
 def test_old_policy_methods_recompute_pi_old(reference_dir):
     result = run_ranks(1, run_actor, ParallelConfig(), reference_dir, "grpo")[0]
-    first = result["reports"][0]["metrics"]
-    assert first["mismatch_k3"] > 0  # pi_old (the trainer) and the synthetic rollout logprobs differ
     assert all(r["applied"] == [True, True] for r in result["reports"])
+    _assert_mismatch_is_the_batch_s(result)
+
+
+def test_reported_mismatch_is_computed_from_the_batch(single_rank):
+    """mismatch_k3 of every rollout batch equals one computed by hand from the same batch: the rollout
+    logprobs and the model's unperturbed logprobs before the batch's first optimizer step."""
+    _assert_mismatch_is_the_batch_s(single_rank)
+
+
+def _assert_mismatch_is_the_batch_s(result):
+    reported = [report["metrics"]["mismatch_k3"] for report in result["reports"]]
+    assert len(result["k3_by_hand"]) == 3 and min(result["k3_by_hand"]) > 1e-3
+    assert reported == pytest.approx(result["k3_by_hand"], rel=1e-6)
+    assert len(set(reported)) == 3  # the model moves between batches
+
+
+def test_bypass_is_alp_seq_with_the_perturbation_off(reference_dir, single_rank):
+    """A real model: bypass (ALP off) trains as alp_seq with every sigma at 1e-9 (rtol 1e-5), and not as
+    alp_seq at the reference's sigma 0.1, so the comparison can fail."""
+    import dataclasses
+
+    bypass = run_ranks(1, run_actor, ParallelConfig(), reference_dir, "bypass", False, 1,
+                       dataclasses.replace(ALP, enabled=False))[0]
+    vanishing = run_ranks(1, run_actor, ParallelConfig(), reference_dir, "alp_seq", False, 1, ALP, 1e-9)[0]
+    _assert_same_training(bypass, vanishing, "bypass vs alp_seq at sigma 1e-9")
+    first_loss = [r["reports"][0]["losses"][0] for r in (bypass, single_rank)]
+    assert first_loss[0] != pytest.approx(first_loss[1], rel=1e-3), first_loss  # sigma 0.1: another policy
 
 
 def test_non_finite_step_is_skipped_and_reported(reference_dir, single_rank):

@@ -4,40 +4,48 @@ import os
 
 import pytest
 
-from alp_megatron.model.provider import ParallelConfig
+from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.trainer.checkpoint import CheckpointConfig, find_latest_checkpoint
 from alp_megatron.errors import ConfigError
 from tests.distributed import run_ranks
 from tests.model.layouts import Layout, save_reference
-from tests.trainer.checkpoint_probes import resume, save_then_load_a_layer_range, train_then_save
+from tests.trainer.checkpoint_probes import DROPOUT, resume, save_then_load_a_layer_range, train_then_save
 
 pytestmark = pytest.mark.megatron
 TP2 = ParallelConfig(tensor_parallel=2)
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    reference = str(tmp_path_factory.mktemp("reference"))
-    run_ranks(1, save_reference, Layout("checkpoint"), reference)
+def reference(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("reference"))
+    run_ranks(1, save_reference, Layout("checkpoint"), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def saved(reference, tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("checkpoints"))
-    uninterrupted = run_ranks(2, train_then_save, TP2, reference, directory)[0]
+    uninterrupted = run_ranks(2, train_then_save, TP2, reference, directory, ModelConfig())[0]
     return reference, directory, uninterrupted
 
 
-def test_resume_continues_exactly(saved):
-    reference, directory, uninterrupted = saved
-    resumed = run_ranks(2, resume, TP2, reference, directory)[0]
+def test_resume_continues_exactly(reference, tmp_path):
+    """Through the code a resumed run uses (RunProgress, load_checkpoint), with dropout on: the same prompts,
+    noise keys and dropout masks as the uninterrupted run, bit for bit."""
+    directory = str(tmp_path / "checkpoints")
+    uninterrupted = run_ranks(2, train_then_save, TP2, reference, directory, DROPOUT)[0]
+    resumed = run_ranks(2, resume, TP2, reference, directory, DROPOUT)[0]
     assert os.path.basename(resumed["path"]) == "step_00000001"
-    assert resumed["state"]["data_position"] == {"epoch": 0, "index": 8}
-    assert resumed["state"]["weight_version"] == 1 and resumed["state"]["step"] == 1
-    assert resumed["losses"] == uninterrupted["losses"]  # bit-identical: weights, Adam state, LR, noise keys
+    assert resumed["progress"] == uninterrupted["progress"]
+    assert resumed["progress"]["optimizer_steps"] == 2 and resumed["progress"]["data_position"]["index"] == 2
+    assert resumed["losses"] == uninterrupted["losses"]  # bit-identical: weights, Adam, LR, data, noise, dropout
     assert resumed["lr"] == uninterrupted["lr"]
     assert resumed["log_sigma"] == uninterrupted["log_sigma"]
 
 
 def test_resume_into_another_layout(saved):
     reference, directory, uninterrupted = saved
-    resumed = run_ranks(1, resume, ParallelConfig(), reference, directory)[0]
+    resumed = run_ranks(1, resume, ParallelConfig(), reference, directory, ModelConfig())[0]
     for got, want in zip(resumed["losses"], uninterrupted["losses"]):
         assert got == pytest.approx(want, rel=1e-5)
     assert resumed["log_sigma"] == pytest.approx(uninterrupted["log_sigma"], rel=1e-5)
@@ -64,10 +72,9 @@ def test_checkpoint_config_errors():
         CheckpointConfig(keep_last=0)
 
 
-def test_alp_on_a_layer_range_saves_and_loads(saved, tmp_path):
+def test_alp_on_a_layer_range_saves_and_loads(reference, tmp_path):
     """Layers outside alp.perturb_start/end hold a frozen placeholder sigma, so Megatron can stack the
     parameter over all layers; only the perturbed layers' sigmas are trained, saved and loaded."""
-    reference, _, _ = saved
     per_rank = run_ranks(2, save_then_load_a_layer_range, ParallelConfig(pipeline_parallel=2), reference,
                          str(tmp_path / "ckpt"))
     trained = {layer: v for rank in per_rank for layer, v in rank["trained"].items()}

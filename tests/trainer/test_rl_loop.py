@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from alp_megatron.trainer.metrics import REQUIRED_KEYS, read_metrics
+from tests.processes import descendants, kill_tree, wait_gone
 
 pytestmark = pytest.mark.sglang
 
@@ -84,23 +85,45 @@ def test_final_export_is_a_loadable_hf_folder_without_log_sigma(uninterrupted):
     assert sum(bool(re.search(r"\[rank 0\].* saved checkpoint \S+ in \d+\.\d s$", line)) for line in log) == 2
 
 
+def _wait_until(condition, process, output_dir, what, timeout=1200):
+    deadline = time.monotonic() + timeout
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert condition(), f"{what} never happened; log: {open(str(output_dir) + '.log').read()[-3000:]}"
+
+
 def test_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    process = alp_train(out, "weight_sync.verify_every=1", "checkpoint.save_every=2", wait=False)
-    latest = os.path.join(out, "checkpoints", "latest")
-    deadline = time.monotonic() + 1200
-    while not os.path.exists(latest) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert os.path.exists(latest), f"no checkpoint was written; log: {open(str(out) + '.log').read()[-3000:]}"
-    os.killpg(process.pid, signal.SIGKILL)  # the whole run, SGLang server included, dies at once
+    overrides = ("weight_sync.verify_every=1", "checkpoint.save_every=2")
+    process = alp_train(out, *overrides, wait=False)
+    checkpoints = os.path.join(out, "checkpoints")
+    latest = os.path.join(checkpoints, "latest")
+    _wait_until(lambda: os.path.exists(latest), process, out, "the step-2 checkpoint")
+    # every process of the run at once, by process id: torchrun, both ranks, the SGLang server's processes
+    killed = kill_tree(process.pid)
     process.wait()
-    alp_train(out, "weight_sync.verify_every=1", "checkpoint.save_every=2", resume=True)
+    assert wait_gone(killed, 30) == []
+    assert len(killed) >= 5, killed  # torchrun, 2 ranks, SGLang's launcher, scheduler and detokenizer at least
+    with open(latest) as handle:
+        assert handle.read().strip() == "step_00000002"  # killed before the run could finish
+    assert not os.path.exists(os.path.join(checkpoints, "step_00000004"))
+    before = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in before][:2] == [0, 1] and len(before) <= 3
+
+    alp_train(out, *overrides, resume=True)
+    log = open(str(out) + ".log").read()
+    assert re.search(r"\[rank 0\].*resumed from \S+/step_00000002 \(next step 2\)", log), log[-3000:]
     full = read_metrics(os.path.join(uninterrupted, "metrics.jsonl"))
     resumed = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
-    timing = {key for record in full for key in record if key.startswith("time_")}
-    for want, got in zip(full[2:], resumed[2:]):  # steps 3 and 4: identical, bit for bit
-        assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
+    assert [r["run_start_step"] for r in resumed] == [0, 0, 2, 2]  # steps 2 and 3 by the resumed process
+    assert [r["run_start_step"] for r in full] == [0, 0, 0, 0]
+
+    def kept(record):
+        return {k: v for k, v in record.items() if not k.startswith("time_") and k != "run_start_step"}
+
+    for want, got in zip(full, resumed):  # every step identical, bit for bit (steps 2 and 3 after the resume)
+        assert kept(got) == kept(want), got["step"]
     final_full = load_file(os.path.join(uninterrupted, "hf_final", "model.safetensors"))
     final_resumed = load_file(os.path.join(out, "hf_final", "model.safetensors"))
     assert final_full.keys() == final_resumed.keys()
@@ -108,14 +131,76 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_pa
         assert torch.equal(final_resumed[name], final_full[name]), name
 
 
-def test_one_step_off_keeps_staleness_at_most_one(tmp_path):
-    out = tmp_path / "one_step_off"
-    alp_train(out, "rollout.mode=disaggregated", "rollout.one_step_off=true", steps=3)
-    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+def test_a_killed_launcher_leaves_no_process_of_its_run(uninterrupted, tmp_path):
+    """torchrun killed alone (SIGKILL): its ranks notice, stop the SGLang server rank 0 launched, and exit."""
+    out = tmp_path / "orphaned"
+    base_model = os.path.join(uninterrupted, "base_model")  # built once, by the uninterrupted run
+    process = alp_train(out, f"model.hf_path={base_model}", steps=50, wait=False)
+    metrics = os.path.join(out, "metrics.jsonl")
+    _wait_until(lambda: os.path.exists(metrics) and read_metrics(metrics), process, out, "a first step")
+    run = descendants(process.pid)
+    ranks = [pid for pid in run if "alp_megatron.cli" in _cmdline(pid) and "torch.distributed.run" not in _cmdline(pid)]
+    servers = [pid for pid in run if "sglang.launch_server" in _cmdline(pid)]
+    assert len(ranks) == 2 and servers, {pid: _cmdline(pid) for pid in run}
+    os.kill(process.pid, signal.SIGKILL)  # the launcher alone
+    process.wait()
+    killed_at = time.monotonic()
+    left = wait_gone(run, 60)
+    assert not left, {pid: _cmdline(pid) for pid in left}
+    log = open(str(out) + ".log").read()
+    gone = f"the launcher (pid {process.pid}) is gone: stopping what this rank launched"
+    assert log.count(gone) == 2, log[-3000:]  # both ranks say so
+    assert "Traceback" not in log.split(gone, 1)[1], log[-3000:]  # and stop cleanly
+    print(f"every process of the run was gone {time.monotonic() - killed_at:.1f} s after the launcher's death")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def one_step_off(tmp_path_factory):
+    """One-step-off with a bfloat16 engine (a real train-inference mismatch), its samples saved."""
+    out = tmp_path_factory.mktemp("runs") / "one_step_off"
+    alp_train(out, "rollout.mode=disaggregated", "rollout.one_step_off=true", "rollout.server_dtype=bfloat16",
+              "metrics.save_rollouts=true", steps=3)
+    return out
+
+
+def test_one_step_off_keeps_staleness_at_most_one(one_step_off):
+    records = read_metrics(os.path.join(one_step_off, "metrics.jsonl"))
     assert len(records) == 3
     assert records[0]["staleness_max"] == 0  # the first rollout uses the starting weights
     assert all(r["staleness_max"] <= 1 for r in records)
     assert any(r["staleness_mean"] == 1 for r in records[1:])
+
+
+def test_reported_mismatch_equals_one_computed_from_the_same_samples(one_step_off):
+    """Step 0's mismatch_k3 against one computed here from the saved samples' engine logprobs and the starting
+    model's logprobs by transformers (every step-0 sample was generated and scored with those weights)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(one_step_off, "base_model"), dtype=torch.float64)
+    with open(os.path.join(one_step_off, "rollouts", "step_00000000.jsonl")) as handle:
+        samples = [json.loads(line) for line in handle]
+    assert len(samples) == 32
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for sample in samples:
+            prompt, response = sample["prompt_ids"], sample["response_ids"]
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+            trainer = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+            log_ratio = trainer - torch.tensor(sample["rollout_logprobs"], dtype=torch.float64)
+            total += float((torch.exp(log_ratio) - 1 - log_ratio).sum())
+            tokens += len(response)
+    expected = total / tokens
+    reported = read_metrics(os.path.join(one_step_off, "metrics.jsonl"))[0]["mismatch_k3"]
+    assert expected > 1e-7  # a bfloat16 engine against the fp32 trainer: a mismatch worth measuring
+    assert reported == pytest.approx(expected, rel=1e-2)
 
 
 def _cli(*args, cwd=REPO):
