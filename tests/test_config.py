@@ -6,7 +6,7 @@ from alp_megatron.config import load_run_config
 from alp_megatron.errors import ConfigError
 
 
-@pytest.mark.parametrize("method", ["bypass", "grpo", "tis", "mis", "gspo"])
+@pytest.mark.parametrize("method", ["bypass", "grpo", "tis", "seq_tis", "mis", "token_mis", "icepop", "gspo"])
 def test_a_baseline_with_the_perturbation_on_is_refused(method):
     with pytest.raises(ConfigError, match="alp.enabled") as error:
         load_run_config(None, (f"loss.method={method}",))

@@ -15,7 +15,7 @@ from alp_megatron.alp.loss import (
 )
 from alp_megatron.errors import ConfigError
 
-ALL_METHODS = ("alp_seq", "alp_token", "bypass", "grpo", "tis", "mis", "gspo")
+ALL_METHODS = ("alp_seq", "alp_token", "bypass", "grpo", "tis", "seq_tis", "mis", "token_mis", "icepop", "gspo")
 
 
 def ref_token_loss(adv, ratio, eps_low, eps_high, c=10.0):
@@ -187,18 +187,143 @@ def test_tis_hand_computed_weight_is_detached():
     assert grad_lp.tolist() == [pytest.approx([-adv * w / 3 for w in weights], rel=1e-12)]
 
 
-@pytest.mark.parametrize("mis_low,expected_kept", [(0.0, [True, False, True]), (0.1, [True, False, False])])
-def test_mis_hand_computed(mis_low, expected_kept):
-    # Sequence IS log-weights sum(old - mu): 0.5 (1.65: kept), 2.0 (7.39 > 5: masked), -30 (1e-13: kept only
-    # while mis_low = 0). The grpo ratio is 1 with A = -1 (loss 1 per token); masked rows stay in the
-    # denominator.
-    mu = [[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]]
+# The rollout corrections below all keep the grpo ratio at 1 (logprobs = old) with A = -1, so every token's
+# surrogate is exactly 1 and the loss is the token mean of the correction's weight. Sequences of 2 tokens.
+A_NEG = [-1.0, -1.0, -1.0]
+MU3 = [[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]]
+MASK3 = [[1, 1], [1, 1], [1, 1]]
+
+
+def _correction(method, old, **options):
+    """(loss, metrics, d loss / d logprobs) of ``method`` with logprobs = old (ratio 1) and A = -1."""
+    lp = t(old, requires_grad=True)
+    old_t = t(old, requires_grad=True)
+    loss, metrics = policy_loss(lp, t(MU3[: len(old)]), t(A_NEG[: len(old)]), t(MASK3[: len(old)]),
+                                LossConfig(method=method, **options), old_logprobs=old_t)
+    grad_lp, grad_old = torch.autograd.grad(loss, [lp, old_t], allow_unused=True)
+    assert grad_old is None  # the weights and pi_old are constants of the loss
+    return loss.item(), metrics, grad_lp
+
+
+@pytest.mark.parametrize("mis_low,kept", [(0.0, [True, False, True]), (0.1, [True, False, False])])
+def test_mis_weights_kept_sequences_by_their_importance_weight(mis_low, kept):
+    # sum_t (old - mu) per sequence: 0.5 (w = e^0.5: kept), 2.0 (e^2 = 7.39 > 5: dropped), -30 (clamped to -20:
+    # w = e^-20, kept only while mis_low = 0). Dropped sequences stay in the denominator (6 tokens).
     old = [[-0.75, -0.75], [0.0, 0.0], [-16.0, -16.0]]
-    mask = [[1, 1], [1, 1], [1, 1]]
-    cfg = LossConfig(method="mis", mis_low=mis_low)
-    loss, metrics = policy_loss(t(old), t(mu), t([-1.0, -1.0, -1.0]), t(mask), cfg, old_logprobs=t(old))
-    assert loss.item() == pytest.approx(sum(2 * 1.0 for keep in expected_kept if keep) / 6, rel=1e-12)
-    assert metrics["mis_masked_frac"] == pytest.approx(expected_kept.count(False) / 3)
+    weights = [math.exp(0.5), 0.0, math.exp(-20.0)]
+    weights = [w if keep else 0.0 for w, keep in zip(weights, kept)]
+    loss, metrics, grad = _correction("mis", old, mis_low=mis_low)
+    assert loss == pytest.approx(2 * sum(weights) / 6, rel=1e-12)
+    assert grad.tolist() == [pytest.approx([w / 6] * 2, rel=1e-12, abs=1e-300) for w in weights]
+    assert metrics["mis_masked_frac"] == pytest.approx(kept.count(False) / 3)
+    assert metrics["mis_weight_mean"] == pytest.approx(sum(weights) / 3, rel=1e-12)
+    indicator, _, _ = _correction("mis", old, mis_low=mis_low, mis_weight="indicator")
+    assert indicator == pytest.approx(2 * kept.count(True) / 6, rel=1e-12)
+
+
+def test_mis_bounds_and_clamp_edges():
+    # A weight exactly at a bound is kept: sum(old - mu) = 0 gives w = 1 exactly.
+    assert _correction("mis", [[-1.0, -1.0]], mis_high=1.0)[0] == 1.0
+    assert _correction("mis", [[-1.0, -1.0]], mis_low=1.0, mis_high=2.0)[0] == 1.0
+    assert _correction("mis", [[-1.0, -1.0]], mis_high=0.999)[0] == 0.0
+    # The log weight is clamped to [-20, 20] before exponentiating: -25 weighs e^-20, not e^-25.
+    assert _correction("mis", [[-13.5, -13.5]])[0] == pytest.approx(math.exp(-20.0), rel=1e-12)
+    assert _correction("mis", [[-13.5, -13.5]], log_ratio_clamp=30.0)[0] == pytest.approx(math.exp(-25.0),
+                                                                                        rel=1e-12)
+
+
+def test_token_mis_masks_tokens_outside_the_bounds():
+    # old - mu per token: 0.5 (kept, e^0.5), 2.0 (7.39 > 5: masked), -25 (clamped: e^-20), 0 (w = 1).
+    old = [[-0.5, 1.0], [-26.0, -1.0]]
+    weights = [[math.exp(0.5), 0.0], [math.exp(-20.0), 1.0]]
+    loss, metrics, grad = _correction("token_mis", old)
+    assert loss == pytest.approx(sum(map(sum, weights)) / 4, rel=1e-12)
+    assert grad.tolist() == [pytest.approx([w / 4 for w in row], rel=1e-12, abs=1e-300) for row in weights]
+    assert metrics["mis_masked_frac"] == pytest.approx(1 / 4)
+    indicator, _, _ = _correction("token_mis", old, mis_weight="indicator")
+    assert indicator == pytest.approx(3 / 4, rel=1e-12)
+    assert _correction("token_mis", [[-1.0, -1.0]], mis_high=1.0)[0] == 1.0  # w = 1 at the bound: kept
+
+
+def test_seq_tis_truncates_the_sequence_weight():
+    # sum(old - mu): 0.5 (e^0.5), 2.0 (e^2 = 7.39: truncated at the default cap 5), -30 (clamped: e^-20).
+    old = [[-0.75, -0.75], [0.0, 0.0], [-16.0, -16.0]]
+    weights = [math.exp(0.5), 5.0, math.exp(-20.0)]
+    loss, metrics, grad = _correction("seq_tis", old)
+    assert loss == pytest.approx(2 * sum(weights) / 6, rel=1e-12)
+    assert grad.tolist() == [pytest.approx([w / 6] * 2, rel=1e-12) for w in weights]
+    assert metrics["tis_clip_frac"] == pytest.approx(1 / 3)
+    assert metrics["tis_weight_mean"] == pytest.approx(sum(weights) / 3, rel=1e-12)
+    capped, _, _ = _correction("seq_tis", old, tis_cap=2.0)
+    assert capped == pytest.approx(2 * (math.exp(0.5) + 2.0 + math.exp(-20.0)) / 6, rel=1e-12)
+    assert LossConfig(method="seq_tis").truncation_cap() == 5.0 and LossConfig(method="tis").truncation_cap() == 2.0
+
+
+def test_icepop_masks_both_sides():
+    # old - mu per token: 0 (w = 1, kept), -1 (0.37 < 0.5: masked), 1.5 (4.48, kept), 2.0 (7.39 > 5: masked).
+    old = [[-1.0, -2.0], [0.5, 1.0]]
+    weights = [[1.0, 0.0], [math.exp(1.5), 0.0]]
+    loss, metrics, grad = _correction("icepop", old)
+    assert loss == pytest.approx(sum(map(sum, weights)) / 4, rel=1e-12)
+    assert grad.tolist() == [pytest.approx([w / 4 for w in row], rel=1e-12) for row in weights]
+    assert metrics["icepop_masked_frac"] == pytest.approx(2 / 4)
+    assert _correction("icepop", [[-1.0, -1.0]], icepop_low=1.0)[0] == 1.0  # w = 1 at the bound: kept
+    assert _correction("icepop", [[-1.0, -2.0]], icepop_low=0.3)[0] == pytest.approx((1 + math.exp(-1.0)) / 2)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_an_empty_micro_batch_gives_zero_loss(method):
+    empty = torch.zeros(0, 3, dtype=torch.float64)
+    lp = empty.clone().requires_grad_(True)
+    loss, metrics = policy_loss(lp, empty, torch.zeros(0, dtype=torch.float64), empty, LossConfig(method=method),
+                                old_logprobs=empty, ref_logprobs=empty)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert metrics["loss"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------- KL to the reference
+
+
+def test_kl_coef_zero_changes_nothing():
+    gen = torch.Generator().manual_seed(3)
+    logp = -torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    mu = logp + 0.1 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    adv, mask = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.rand(3, 4, generator=gen) > 0.2
+    results = []
+    for extra in ({}, {"ref_logprobs": ref}):
+        lp = logp.clone().requires_grad_(True)
+        loss, metrics = policy_loss(lp, mu, adv, mask, LossConfig(), **extra)
+        loss.backward()
+        results.append((loss.detach(), lp.grad, metrics))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert "kl_ref_mean" not in results[0][2] and results[1][2]["kl_ref_mean"] > 0
+
+
+@pytest.mark.parametrize("estimator,alias", [("k1", "kl"), ("k2", "mse"), ("k3", "low_var_kl")])
+def test_kl_estimators_hand_computed(estimator, alias):
+    # A = 0 and logprobs = mu: the surrogate is 0, the loss is kl_coef times the token mean of the estimator.
+    # d = l - ref: 0.5, -1.0, 12 (k3: e^-12 + 12 - 1 = 11.00001 is clamped to 10).
+    logp, ref = [[-1.0, -2.0, -1.0]], [[-1.5, -1.0, -13.0]]
+    d = [0.5, -1.0, 12.0]
+    by_hand = {"k1": [x for x in d], "k2": [0.5 * x * x for x in d],
+               "k3": [min(math.exp(-x) + x - 1, 10.0) for x in d]}[estimator]
+    slope = {"k1": [1.0] * 3, "k2": d, "k3": [1 - math.exp(-x) if math.exp(-x) + x - 1 < 10 else 0.0 for x in d]}
+    for name in (estimator, alias):
+        lp = t(logp, requires_grad=True)
+        loss, metrics = policy_loss(lp, t(logp), t([0.0]), t([[1, 1, 1]]),
+                                    LossConfig(method="alp_token", kl_coef=0.1, kl_estimator=name),
+                                    ref_logprobs=t(ref))
+        assert loss.item() == pytest.approx(0.1 * sum(by_hand) / 3, rel=1e-12)
+        assert metrics["kl_ref_mean"] == pytest.approx(sum(by_hand) / 3, rel=1e-12)
+        loss.backward()
+        assert lp.grad.tolist() == [pytest.approx([0.1 * g / 3 for g in slope[estimator]], rel=1e-12, abs=1e-15)]
+
+
+def test_kl_needs_the_reference_logprobs():
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        policy_loss(t(LOGP), t(MU), t(ADV), t(MASK), LossConfig(kl_coef=0.001))
 
 
 def test_gspo_hand_computed():
@@ -220,7 +345,7 @@ def test_gspo_hand_computed():
     assert lp.grad.tolist() == [pytest.approx([-s0 / 5] * 3, rel=1e-12), [0.0, 0.0, 0.0]]
 
 
-@pytest.mark.parametrize("method", ["grpo", "tis", "mis", "gspo"])
+@pytest.mark.parametrize("method", ["grpo", "tis", "seq_tis", "mis", "token_mis", "icepop", "gspo"])
 def test_missing_old_logprobs_names_it(method):
     with pytest.raises(ValueError, match=rf"'{method}'.*old_logprobs"):
         policy_loss(t(LOGP), t(MU), t(ADV), t(MASK), LossConfig(method=method))
@@ -353,7 +478,7 @@ def test_clip_defaults_per_method():
     assert LossConfig().clip_range() == (0.5, 3.0)
     assert LossConfig(method="bypass").clip_range() == (0.5, 3.0)
     assert LossConfig(method="alp_token").clip_range() == (0.5, 3.0)
-    for method in ("grpo", "tis", "mis"):
+    for method in ("grpo", "tis", "seq_tis", "mis", "token_mis", "icepop"):
         assert LossConfig(method=method).clip_range() == (0.2, 0.28)
     assert LossConfig(method="gspo").clip_range() == (3e-4, 4e-4)
     assert LossConfig(method="grpo", eps_high=0.4).clip_range() == (0.2, 0.4)
@@ -361,7 +486,9 @@ def test_clip_defaults_per_method():
     assert (explicit.eps_low, explicit.eps_high, explicit.agg) == (0.2, 0.28, "seq_mean_token_mean")
     assert LossConfig.for_method("alp_seq", eps_low=0.3).clip_range() == (0.3, 3.0)
     cfg = LossConfig()
-    assert (cfg.dual_clip_c, cfg.log_ratio_clamp, cfg.tis_cap, cfg.mis_low, cfg.mis_high) == (10.0, 20.0, 2.0, 0.0, 5.0)
+    assert (cfg.dual_clip_c, cfg.log_ratio_clamp, cfg.tis_cap, cfg.mis_low, cfg.mis_high) == (10.0, 20.0, None, 0.0, 5.0)
+    assert (cfg.mis_weight, cfg.icepop_low, cfg.icepop_high, cfg.kl_coef, cfg.kl_estimator) == (
+        "importance", 0.5, 5.0, 0.0, "k3")
     with pytest.raises(Exception):
         cfg.method = "grpo"  # frozen
 
@@ -380,6 +507,13 @@ def test_clip_defaults_per_method():
         ({"tis_cap": 0.0}, "loss.tis_cap", "positive"),
         ({"mis_low": -0.1}, "loss.mis_low", ">= 0"),
         ({"mis_low": 5.0, "mis_high": 5.0}, "loss.mis_high", "mis_low < mis_high"),
+        ({"mis_low": 2.0, "mis_high": 1.0}, "loss.mis_high", "mis_low < mis_high"),
+        ({"mis_weight": "binary"}, "loss.mis_weight", "indicator"),
+        ({"icepop_low": 5.0, "icepop_high": 0.5}, "loss.icepop_high", "icepop_low < icepop_high"),
+        ({"icepop_low": -1.0}, "loss.icepop_low", ">= 0"),
+        ({"kl_coef": -0.001}, "loss.kl_coef", ">= 0"),
+        ({"kl_coef": float("inf")}, "loss.kl_coef", ">= 0"),
+        ({"kl_estimator": "k4"}, "loss.kl_estimator", "low_var_kl"),
         ({"method": "grpo", "seq_ratio_geometric_mean": True}, "loss.seq_ratio_geometric_mean", "alp_seq"),
         ({"eps_low": float("nan")}, "loss.eps_low", "between 0 and 1"),
     ],
