@@ -2,8 +2,9 @@
 
 For a rollout batch of ``N`` samples the actor
 
-1. runs one unperturbed, no-grad forward over the batch for ``old_logprobs`` (pi_old of grpo/tis/mis/gspo,
-   the train-inference mismatch metrics and the entropy), unless the method needs none and it is switched off;
+1. runs one unperturbed, no-grad forward over the batch for ``old_logprobs`` (pi_old of the methods that read
+   it, the train-inference mismatch metrics and the entropy), unless the method needs none and it is switched
+   off; and, with ``loss.kl_coef > 0``, the same pass over the frozen reference model for ``ref_logprobs``;
 2. splits the batch into ``num_mini_batches`` mini-batches (K > 1 is the staleness ALP is made for); each
    data-parallel rank takes its contiguous share of a mini-batch, in micro-batches of ``micro_batch_size``;
 3. per mini-batch (``epochs`` passes over them): the perturbed forward, :func:`policy_loss` normalised over the whole mini-batch (token
@@ -38,13 +39,15 @@ class ActorConfig:
     """``num_mini_batches`` x ``epochs``: optimizer steps per rollout batch (every epoch visits the same
     mini-batches in the same order). ``micro_batch_size``: sequences per forward.
     ``temperature``: the rollout's sampling temperature (logprobs are scored at the same one).
-    ``compute_old_logprobs``: the unperturbed pass of step 1 (forced on for methods that need pi_old)."""
+    ``compute_old_logprobs``: the unperturbed pass of step 1 (forced on for methods that need pi_old).
+    ``reference_offload``: on a GPU, keep the KL reference model in host memory between its passes."""
 
     num_mini_batches: int = 1
     epochs: int = 1
     micro_batch_size: int = 1
     temperature: float = 1.0
     compute_old_logprobs: bool = True
+    reference_offload: bool = False
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -78,12 +81,17 @@ class ActorReport:
 class Actor:
     """Trains the DDP-wrapped model chunks with ``optimizer``/``scheduler`` (see ``trainer.engine``)."""
 
-    def __init__(self, ddp_chunks: list, optimizer, scheduler, loss: LossConfig, config: ActorConfig):
+    def __init__(self, ddp_chunks: list, optimizer, scheduler, loss: LossConfig, config: ActorConfig,
+                 reference=None):
+        """``reference``: the frozen :class:`ReferenceModel` of the KL term (required when loss.kl_coef > 0)."""
+        if loss.kl_coef > 0 and reference is None:
+            raise ValueError("Actor: loss.kl_coef > 0 needs the reference model (ReferenceModel.build)")
         self.chunks = ddp_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss = loss
         self.config = config
+        self.reference = reference
         self.optimizer_steps = 0  # keys the ALP noise: a fresh draw for every optimizer step
 
     # -- data split --------------------------------------------------------------------------------------
@@ -114,9 +122,10 @@ class Actor:
     # -- passes ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _old_logprobs(self, shares: list[TrainingBatch], seq_length: int) -> tuple:
-        """Unperturbed ``(logprobs, entropy)``, each ``[n_local, S]``, of this rank's samples, on the last
-        pipeline stage; ``(None, None)`` on the others."""
+    def score(self, chunks: list, shares: list[TrainingBatch], seq_length: int) -> tuple:
+        """Unperturbed ``(logprobs, entropy)``, each ``[n_local, S]``, of this rank's samples under ``chunks``
+        (the actor's for pi_old, the reference model's), in micro-batches through the pipeline schedule, on
+        the last pipeline stage; ``(None, None)`` on the others."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -135,24 +144,25 @@ class Actor:
 
             return output, collect
 
-        models = [c.module if hasattr(c, "module") else c for c in self.chunks]
-        vp = len(self.chunks)
+        models = [c.module if hasattr(c, "module") else c for c in chunks]
+        vp = len(chunks)
         with alp_disabled(*models):
-            for chunk in self.chunks:
+            for chunk in chunks:
                 chunk.eval()
             try:
                 reports = get_forward_backward_func()(
                     forward_step_func=forward_step,
                     data_iterator=[iter(micro_batches) for _ in range(vp)] if vp > 1 else iter(micro_batches),
-                    model=self.chunks if vp > 1 else self.chunks[0],
+                    model=chunks if vp > 1 else chunks[0],
                     num_microbatches=len(micro_batches),
                     seq_length=seq_length,
                     micro_batch_size=self.config.micro_batch_size,
                     forward_only=True,
                 )
             finally:
-                for chunk in self.chunks:
-                    chunk.train()
+                if chunks is self.chunks:  # the reference model stays in eval mode
+                    for chunk in chunks:
+                        chunk.train()
         if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return None, None
         return (torch.cat([r["logprobs"] for r in reports]), torch.cat([r["entropy"] for r in reports]))
@@ -164,13 +174,14 @@ class Actor:
                                  for name in ("tokens", "targets", "position_ids", "loss_mask",
                                               "rollout_logprobs", "advantages", "sample_ids")})
         needs_old = get_loss_method(self.loss.method).needs_old_logprobs
-        old, entropy = None, None
+        old, entropy, ref = None, None, None
         if needs_old or self.config.compute_old_logprobs:
-            old, entropy = self._old_logprobs(shares, batch.seq_length)
-            if old is not None:  # the last stage, where the loss reads it
-                local.old_logprobs = old
-                for m, share in enumerate(shares):
-                    share.old_logprobs = old[m * share.size : (m + 1) * share.size]
+            old, entropy = self.score(self.chunks, shares, batch.seq_length)
+            _attach(local, shares, "old_logprobs", old)  # on the last stage, where the loss reads it
+        if self.loss.kl_coef > 0:
+            with self.reference.resident() as reference:
+                ref, _ = self.score(reference, shares, batch.seq_length)
+            _attach(local, shares, "ref_logprobs", ref)
 
         loss_cfg, temperature = self.loss, self.config.temperature
         count_tokens = loss_cfg.agg == "token_mean"
@@ -178,7 +189,8 @@ class Actor:
         def loss_function(output, micro):
             logprobs = token_logprobs(output, micro["targets"], temperature)
             loss_sum, _ = policy_loss(logprobs, micro["rollout_logprobs"], micro["advantages"], micro["loss_mask"],
-                                      loss_cfg, old_logprobs=micro.get("old_logprobs"), global_denominator=1.0)
+                                      loss_cfg, old_logprobs=micro.get("old_logprobs"),
+                                      ref_logprobs=micro.get("ref_logprobs"), global_denominator=1.0)
             mask = micro["loss_mask"].bool()
             units = (mask.sum() if count_tokens else mask.any(dim=-1).sum()).to(torch.int)
             return loss_sum, units, {"loss_sum": loss_sum.detach(), "num_units": units, "logprobs": logprobs.detach()}
@@ -199,31 +211,31 @@ class Actor:
                 if result.reports and epoch == 0:  # the metrics describe each sample's first visit
                     trained_logprobs.append(torch.cat([r["logprobs"] for r in result.reports]))
 
-        metrics = self._batch_metrics(local, trained_logprobs, old, entropy)
+        metrics = self._batch_metrics(local, trained_logprobs, old, entropy, ref)
         return ActorReport(losses=losses, grad_norms=grad_norms, applied=applied, skip_reasons=reasons,
                            metrics=metrics)
 
     # -- metrics -----------------------------------------------------------------------------------------
 
-    def _batch_metrics(self, local: TrainingBatch, trained_logprobs: list, old, entropy) -> dict:
+    def _batch_metrics(self, local: TrainingBatch, trained_logprobs: list, old, entropy, ref) -> dict:
         """Loss metrics over the whole rollout batch, computed on the last stage and shared along the pipeline."""
         from megatron.core import parallel_state
 
         metrics: dict = {}
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             dp_group = parallel_state.get_data_parallel_group()
-            fields = [torch.cat(trained_logprobs), local.rollout_logprobs, local.advantages, local.loss_mask]
-            if old is not None:
-                fields += [old, entropy]
-            gathered = [_gather_rows(t, dp_group) for t in fields]
-            logprobs, rollout, advantages, mask = gathered[:4]
-            _, metrics = policy_loss(logprobs, rollout, advantages, mask, self.loss,
-                                     old_logprobs=gathered[4] if old is not None else None)
+            fields = {"logprobs": torch.cat(trained_logprobs), "rollout": local.rollout_logprobs,
+                      "advantages": local.advantages, "mask": local.loss_mask, "old": old, "entropy": entropy,
+                      "ref": ref}
+            gathered = {name: _gather_rows(t, dp_group) for name, t in fields.items() if t is not None}
+            logprobs, rollout, mask = gathered["logprobs"], gathered["rollout"], gathered["mask"]
+            _, metrics = policy_loss(logprobs, rollout, gathered["advantages"], mask, self.loss,
+                                     old_logprobs=gathered.get("old"), ref_logprobs=gathered.get("ref"))
             metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
             metrics.update(train_inference_ratio(logprobs, rollout, mask, self.loss.log_ratio_clamp))
             if old is not None:
                 valid = mask.bool()
-                metrics["entropy"] = float(gathered[5][valid].mean()) if valid.any() else 0.0
+                metrics["entropy"] = float(gathered["entropy"][valid].mean()) if valid.any() else 0.0
             metrics["response_tokens"] = float(mask.sum())
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             box = [metrics]
@@ -231,6 +243,17 @@ class Actor:
                                        group=parallel_state.get_pipeline_model_parallel_group())
             metrics = box[0]
         return metrics
+
+
+def _attach(local: TrainingBatch, shares: list[TrainingBatch], name: str, values) -> None:
+    """Set ``name`` (``[n_local, S]``, or None off the last stage) on the rank's batch and each mini-batch share."""
+    if values is None:
+        return
+    setattr(local, name, values)
+    start = 0
+    for share in shares:
+        setattr(share, name, values[start : start + share.size])
+        start += share.size
 
 
 def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:

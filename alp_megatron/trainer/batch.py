@@ -30,6 +30,7 @@ class TrainingBatch:
     advantages: torch.Tensor  # [N] float32
     sample_ids: torch.Tensor  # [N] int64, global ids keying the ALP noise
     old_logprobs: Optional[torch.Tensor] = None  # [N, S], the trainer's unperturbed logprobs, once computed
+    ref_logprobs: Optional[torch.Tensor] = None  # [N, S], the KL reference model's logprobs, once computed
 
     @property
     def size(self) -> int:

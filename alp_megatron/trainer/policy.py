@@ -38,17 +38,23 @@ class Policy:
 
     @classmethod
     def build(cls, config, hf_dir: str) -> "Policy":
-        """Model chunks with ``hf_dir``'s weights, DDP, optimizer (with the sigma group), actor.
-        Megatron's parallel state must be initialised (``initialize_parallel``)."""
+        """Model chunks with ``hf_dir``'s weights, DDP, optimizer (with the sigma group), actor, and the frozen
+        reference model when ``loss.kl_coef > 0``. Megatron's parallel state must be initialised
+        (``initialize_parallel``)."""
         torch.manual_seed(config.run.seed)
         arch = arch_from_hf_folder(hf_dir)
         chunks = build_model(arch, config.parallel, config.model.megatron, config.alp)
         loading = ByteProgress(f"loading this rank's shards of {hf_dir}", logger.info)
         load_hf_weights(chunks, hf_dir, arch, progress=loading)
         loading.done()
+        reference = None
+        if config.loss.kl_coef > 0:
+            from alp_megatron.trainer.reference import ReferenceModel
+
+            reference = ReferenceModel.build(arch, config, hf_dir)
         ddp_chunks = wrap_ddp(chunks, config.optimizer)
         optimizer, scheduler = build_optimizer(ddp_chunks, config.optimizer, config.alp)
-        actor = Actor(ddp_chunks, optimizer, scheduler, config.loss, config.actor)
+        actor = Actor(ddp_chunks, optimizer, scheduler, config.loss, config.actor, reference)
         return cls(arch, hf_dir, chunks, ddp_chunks, optimizer, scheduler, actor)
 
     def hf_buckets(self, bucket_bytes: int, dtype=None) -> Iterator[list]:

@@ -48,10 +48,15 @@ def alp_train(output_dir, *overrides, steps=4, resume=False, wait=True):
     return process
 
 
+# Checkpoints every 2 steps, the bridge checked every step, and a KL to the reference model (a resumed run
+# must score the same reference).
+CHECKED = ("weight_sync.verify_every=1", "checkpoint.save_every=2", "loss.kl_coef=0.001")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "full"
-    alp_train(out, "weight_sync.verify_every=1", "checkpoint.save_every=2")
+    alp_train(out, *CHECKED)
     return out
 
 
@@ -64,6 +69,7 @@ def test_every_step_logs_every_metric_and_the_bridge_check_passes(uninterrupted)
         assert record["verify_max_logprob_diff"] <= 1e-4  # the engine's logprobs equal the trainer's
         assert record["verify_max_weight_diff"] == 0.0
         assert record["mismatch_k3"] < 1e-6  # fp32 engine and fp32 trainer agree
+        assert record["kl_ref_mean"] > 0  # ALP's perturbed policy against the unperturbed starting one
     assert [r["weight_version"] for r in records] == [1, 2, 3, 4]
     assert all(r["time_sync"] > 0 and r["time_rollout"] > 0 and r["time_train"] > 0 for r in records)
 
@@ -94,8 +100,7 @@ def _wait_until(condition, process, output_dir, what, timeout=1200):
 
 def test_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    overrides = ("weight_sync.verify_every=1", "checkpoint.save_every=2")
-    process = alp_train(out, *overrides, wait=False)
+    process = alp_train(out, *CHECKED, wait=False)
     checkpoints = os.path.join(out, "checkpoints")
     latest = os.path.join(checkpoints, "latest")
     _wait_until(lambda: os.path.exists(latest), process, out, "the step-2 checkpoint")
@@ -110,7 +115,7 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(uninterrupted, tmp_pa
     before = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in before][:2] == [0, 1] and len(before) <= 3
 
-    alp_train(out, *overrides, resume=True)
+    alp_train(out, *CHECKED, resume=True)
     log = open(str(out) + ".log").read()
     assert re.search(r"\[rank 0\].*resumed from \S+/step_00000002 \(next step 2\)", log), log[-3000:]
     full = read_metrics(os.path.join(uninterrupted, "metrics.jsonl"))
