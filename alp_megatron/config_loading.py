@@ -149,9 +149,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_yaml(path: str) -> dict:
+BASE_KEY = "base"
+
+
+def load_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict:
     """The mapping in YAML file ``path`` (empty file: ``{}``); a syntax error or a key given twice names the
-    file and line."""
+    file and line. A top-level ``base: OTHER.yaml`` (relative to ``path``) lays this file over that one
+    (recursively), so a preset says only what it changes."""
+    import os
+
     try:
         with open(path) as handle:
             data = yaml.load(handle, Loader=_UniqueKeyLoader)
@@ -164,7 +170,18 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{path} must hold a mapping of sections, got {type(data).__name__}",
                           "start the file with section names such as `model:`")
-    return data
+    if BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY}", f"must be the path of another YAML config, got {base!r}",
+                          "write e.g. `base: ../qwen3_8b_colocated.yaml` (relative to this file)")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(base)))
+    chain = (*_seen, os.path.realpath(path))
+    if os.path.realpath(base_path) in chain:
+        raise ConfigError(f"{path}: {BASE_KEY}", f"{base_path} is already in the chain {' -> '.join(chain)}",
+                          "break the cycle of base files")
+    return merge(load_yaml(base_path, chain), data)
 
 
 def to_dict(config: Any) -> Any:

@@ -72,3 +72,20 @@ def test_bad_files_and_overrides(tmp_path):
     twice.write_text("inner:\n  lr: 1\nname: a\ninner:\n  steps: 2\n")  # PyYAML alone keeps the last
     with pytest.raises(ConfigError, match=r"the key 'inner' is given twice\n  in .*twice.yaml\", line 4"):
         load_yaml(str(twice))
+
+
+def test_a_base_file_is_laid_under_the_file(tmp_path):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "base.yaml").write_text("enabled: false\ninner:\n  lr: 0.5\n  steps: 3\n")
+    (tmp_path / "run.yaml").write_text("base: common/base.yaml\ninner:\n  steps: 7\n")
+    assert load_yaml(str(tmp_path / "run.yaml")) == {"enabled": False, "inner": {"lr": 0.5, "steps": 7}}
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_yaml(str(tmp_path / "loop.yaml"))
+    (tmp_path / "bad.yaml").write_text("base: 3\n")
+    with pytest.raises(ConfigError, match="base"):
+        load_yaml(str(tmp_path / "bad.yaml"))
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_yaml(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,41 @@
+"""examples/presets: each loads, and holds the settings of the authors' script it names."""
+
+import glob
+import os
+
+import pytest
+
+from alp_megatron.config import load_run_config
+
+PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "presets")
+SHARED = dict(lr=1e-6, prompts=512, n=8, mini_batches=16, response=2048, agg="token_mean", kl=(0.001, "k3"))
+EXPECTED = {  # preset: (loss.method, clip range, dual clip c, ALP on, method options)
+    "single_turn_alp": ("alp_seq", (0.5, 3.0), 10.0, True, {}),
+    "single_turn_bypass": ("bypass", (0.5, 3.0), 10.0, False, {}),
+    "single_turn_grpo": ("grpo", (0.2, 0.28), 10.0, False, {}),
+    "single_turn_tis": ("seq_tis", (0.2, 0.28), 10.0, False, {"tis_cap": 5.0}),
+    "single_turn_mis": ("mis", (0.2, 0.28), 10.0, False, {"mis_low": 0.0, "mis_high": 5.0,
+                                                          "mis_weight": "importance"}),
+    "single_turn_gspo": ("gspo", (3e-4, 4e-4), 100.0, False, {}),
+}
+
+
+def test_every_preset_is_checked_here():
+    found = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(PRESETS, "single_turn_*.yaml"))}
+    assert found == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_holds_its_scripts_settings(name):
+    config = load_run_config(os.path.join(PRESETS, f"{name}.yaml"))
+    method, clip, dual_c, alp_on, options = EXPECTED[name]
+    loss = config.loss
+    assert (loss.method, loss.clip_range(), loss.dual_clip_c, config.alp.enabled) == (method, clip, dual_c, alp_on)
+    assert {key: getattr(loss, key) for key in options} == options
+    assert (loss.agg, (loss.kl_coef, loss.kl_estimator)) == (SHARED["agg"], SHARED["kl"])
+    assert config.optimizer.lr == SHARED["lr"] and config.actor.num_mini_batches == SHARED["mini_batches"]
+    assert (config.data.prompts_per_step, config.rollout.sampling.n) == (SHARED["prompts"], SHARED["n"])
+    assert config.rollout.sampling.max_new_tokens == SHARED["response"]
+    if alp_on:
+        assert (config.alp.sigma_0, config.alp.sigma_lr) == (0.02, 0.01)
+    assert config.model.hf_path  # from the Qwen3-8B example it is based on
