@@ -2,10 +2,11 @@
 
     python benchmarks/loop_breakdown.py [--steps 12] [--out runs/bench_loop]
 
-Runs the embedded CPU config twice, one after the other, with the same seed: ALP (alp_seq, perturbation on)
-and bypass (same loss, perturbation off). Prints, per run, the median share of a step spent in rollout,
-training and weight sync (target: sync <= 5 %), and the ALP / bypass ratio of median step and train times.
-The first step of each run (start-up effects) is left out of the medians.
+Runs the embedded CPU config three times, one after the other, with the same seed: ALP (alp_seq, perturbation
+on), bypass (same loss, perturbation off) and ALP with a KL to the reference model (loss.kl_coef=0.001: one
+more forward-only pass per step, over the frozen reference). Prints, per run, the median share of a step spent
+in rollout, training and weight sync (target: sync <= 5 %), the ALP / bypass ratio of median step and train
+times, and the ALP+KL / ALP ratio. The first step of each run (start-up effects) is left out of the medians.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ sys.path.insert(0, REPO)
 from alp_megatron.trainer.metrics import read_metrics  # noqa: E402
 
 VARIANTS = {"alp": ["loss.method=alp_seq", "alp.enabled=true"],
-            "bypass": ["loss.method=bypass", "alp.enabled=false"]}
+            "bypass": ["loss.method=bypass", "alp.enabled=false"],
+            "alp+kl": ["loss.method=alp_seq", "alp.enabled=true", "loss.kl_coef=0.001"]}
 
 
 def run(out: str, steps: int, overrides: list[str]) -> list[dict]:
@@ -56,10 +58,13 @@ def main() -> int:
         other = 100 - sum(shares.values())
         print(f"{name:<8} {step:>7.2f} {shares['time_rollout']:>9.1f} {shares['time_train']:>8.1f} "
               f"{shares['time_sync']:>7.1f} {other:>8.1f}")
-    alp, bypass = results["alp"], results["bypass"]
+    alp, bypass, kl = results["alp"], results["bypass"], results["alp+kl"]
     print(f"ALP / bypass: step time {median(alp, 'time_step') / median(bypass, 'time_step'):.3f}, "
           f"train time {median(alp, 'time_train') / median(bypass, 'time_train'):.3f} "
           f"(medians of {len(alp)} steps; CPU, 2 trainer ranks at TP=2, 1 SGLang server)")
+    print(f"ALP+KL / ALP: step time {median(kl, 'time_step') / median(alp, 'time_step'):.3f}, "
+          f"train time {median(kl, 'time_train') / median(alp, 'time_train'):.3f} "
+          f"(the reference model's forward-only pass)")
     return 0
 
 
