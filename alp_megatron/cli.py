@@ -78,14 +78,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         from alp_megatron.trainer.loop import run
 
         run(config, resume=args.resume)
-    except AlpError as error:
+    except BaseException as error:
+        if watch is not None and watch.launcher_gone():  # whatever broke, it broke because the launcher died
+            logging.getLogger("alp-train").error("stopped: the launcher (pid %d) is gone (%s)", watch.launcher_pid,
+                                                 type(error).__name__)
+            return 1
+        if not isinstance(error, AlpError):
+            raise
         logging.getLogger("alp-train").error("%s", error)
         return 1
-    except KeyboardInterrupt:
-        if watch is None or not watch.gone.is_set():
-            raise
-        return 1  # the launcher died; the watch said so
     finally:
+        if watch is not None:
+            watch.disarm()
         import torch.distributed as dist
 
         if dist.is_initialized():

@@ -4,11 +4,11 @@ torchrun's agent starts every worker in a session of its own and ends them itsel
 cleanly; killed (SIGKILL, the OOM killer, a lost node agent), it leaves them running as orphans that go on
 training, write checkpoints into a run the user believes stopped, and keep their SGLang servers holding the
 GPUs. :func:`follow_launcher` watches for that: a thread sees the rank's parent change (the kernel hands an
-orphan to another parent), stops the process groups this rank launched, interrupts the main thread so the
-run unwinds as after Ctrl-C (sinks closed, engines stopped, the process group destroyed), and ends the
-process if that has not happened after a grace period (a rank blocked inside a collective whose peers are
-gone does not unwind). Processes this rank launched stop also if the rank itself is killed: see
-:mod:`alp_megatron.rollout.reaper`.
+orphan to another parent), stops the process groups this rank launched, and interrupts the main thread with
+:class:`LauncherGone` (raised by a SIGUSR1 handler), so the run unwinds as after any error (sinks closed,
+engines stopped, the process group destroyed); if the process has not ended after a grace period (a rank
+blocked inside a collective whose peers are gone does not unwind), it ends it. Processes this rank launched
+stop also if the rank itself is killed: see :mod:`alp_megatron.rollout.reaper`.
 
 Only ranks started by torchrun follow their launcher: a single-rank ``alp-train`` started from a shell goes
 on when that shell exits (``nohup``), as any program does.
@@ -28,25 +28,41 @@ logger = logging.getLogger(__name__)
 
 
 class LauncherGone(AlpError):
-    """This process's launcher died before it started (its parent is already init)."""
+    """This process's launcher died (before this rank started, or while it ran)."""
 
 
 class LauncherWatch:
-    """Watches this process's parent, ``launcher_pid``; see the module docstring. ``gone`` is set once it
-    has died."""
+    """Watches this process's parent, ``launcher_pid``; see the module docstring. Start it from the main
+    thread (it installs the SIGUSR1 handler there) and :meth:`disarm` it once the run is over."""
 
     def __init__(self, launcher_pid: int, interval_s: float = 0.5, grace_s: float = 10.0):
         self.launcher_pid = launcher_pid
         self.interval_s = interval_s
         self.grace_s = grace_s
         self.gone = threading.Event()
+        self._armed = True
         self._thread = threading.Thread(target=self._watch, name="launcher-watch", daemon=True)
 
     def start(self) -> "LauncherWatch":
         if os.getppid() != self.launcher_pid:
             raise LauncherGone(f"the launcher (pid {self.launcher_pid}) exited before this rank started")
+        signal.signal(signal.SIGUSR1, self._interrupt)
         self._thread.start()
         return self
+
+    def launcher_gone(self) -> bool:
+        """Whether the launcher has died (checked now, not at the next poll)."""
+        return self.gone.is_set() or os.getppid() != self.launcher_pid
+
+    def disarm(self) -> None:
+        """The run is over (main thread): an interruption still on its way raises nothing."""
+        self._armed = False
+
+    def _interrupt(self, signum, frame) -> None:
+        # Runs in the main thread, between two bytecodes: no race with disarm().
+        if self._armed:
+            self._armed = False
+            raise LauncherGone(f"the launcher (pid {self.launcher_pid}) is gone")
 
     def _watch(self) -> None:
         while os.getppid() == self.launcher_pid:
@@ -57,7 +73,7 @@ class LauncherWatch:
         from alp_megatron.rollout.process import stop_launched
 
         stop_launched(why=f"the launcher (pid {self.launcher_pid}) is gone")
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # unwinds as after Ctrl-C
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
         time.sleep(self.grace_s)
         logger.error("still running %.0f s after the launcher died (blocked in a collective?); exiting",
                      self.grace_s)
