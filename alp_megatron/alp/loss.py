@@ -41,9 +41,9 @@ KL to the reference model (verl's estimators, d_t = l_t - ref_t): ``k1`` = d_t; 
 
 Clip defaults per method: ``LossConfig.eps_low`` / ``eps_high`` default to ``None``, meaning "the method's
 default", resolved by ``LossConfig.clip_range()`` from the registry: alp_seq / alp_token / bypass 0.5 / 3.0
-(ALP.md §3), grpo / tis / mis 0.2 / 0.28 (§4; also seq_tis, token_mis and icepop), gspo 3e-4 / 4e-4 (the GSPO paper's and the ALP reference
-scripts' values: a geometric-mean ratio moves far less than a token ratio, so 0.2 / 0.28 would never clip).
-``LossConfig.for_method(name)`` writes the resolved values into the config explicitly. The dual-clip
+(ALP.md §3), grpo and the rollout corrections 0.2 / 0.28 (§4), gspo 3e-4 / 4e-4 (the GSPO paper's and the ALP
+reference scripts' values: a geometric-mean ratio moves far less than a token ratio, so 0.2 / 0.28 would never
+clip). ``LossConfig.for_method(name)`` writes the resolved values into the config explicitly. The dual-clip
 constant c = 10 is shared by all methods.
 """
 

@@ -9,8 +9,10 @@ Memory: a second copy of the weights on every rank, sharded as the actor's (dens
 weights / (EP x expert TP x PP)), with no gradients and no optimizer state: 2 bytes per parameter in bf16
 against the actor's 16-18 (bf16 weights, fp32 gradients, fp32 master weights and two Adam moments, less with
 the distributed optimizer sharding the last three). Qwen3-235B-A22B at TP=4, PP=4, EP=8 (expert TP 1) holds
-about 7.6B parameters per GPU (7.1B of experts, 0.5B dense): about 15 GB in bf16. On a GPU, ``actor.reference_offload`` keeps it in pinned host memory between its passes (one
-host-to-device copy of those bytes per step, overlapping nothing).
+about 7.6B parameters per GPU (7.1B of experts, 0.5B dense): about 15 GB in bf16. On a GPU,
+``actor.reference_offload`` keeps it in pinned host memory between its passes (one host-to-device copy of those
+bytes per step, overlapping nothing). The offload moves parameters only (buffers stay, and Transformer Engine's
+FP8 weight caches are not moved); it is written for CUDA and its GPU test has not run yet.
 """
 
 from __future__ import annotations

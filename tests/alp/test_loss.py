@@ -486,7 +486,8 @@ def test_clip_defaults_per_method():
     assert (explicit.eps_low, explicit.eps_high, explicit.agg) == (0.2, 0.28, "seq_mean_token_mean")
     assert LossConfig.for_method("alp_seq", eps_low=0.3).clip_range() == (0.3, 3.0)
     cfg = LossConfig()
-    assert (cfg.dual_clip_c, cfg.log_ratio_clamp, cfg.tis_cap, cfg.mis_low, cfg.mis_high) == (10.0, 20.0, None, 0.0, 5.0)
+    assert (cfg.dual_clip_c, cfg.log_ratio_clamp, cfg.tis_cap, cfg.mis_low, cfg.mis_high) == (
+        10.0, 20.0, None, 0.0, 5.0)
     assert (cfg.mis_weight, cfg.icepop_low, cfg.icepop_high, cfg.kl_coef, cfg.kl_estimator) == (
         "importance", 0.5, 5.0, 0.0, "k3")
     with pytest.raises(Exception):
