@@ -28,25 +28,29 @@ logger = logging.getLogger(__name__)
 
 
 class LauncherGone(AlpError):
-    """This process's launcher died (before this rank started, or while it ran)."""
+    """This process's launcher died."""
 
 
 class LauncherWatch:
     """Watches this process's parent, ``launcher_pid``; see the module docstring. Start it from the main
-    thread (it installs the SIGUSR1 handler there) and :meth:`disarm` it once the run is over."""
+    thread (it installs the SIGUSR1 handler there) and :meth:`disarm` it there once the run is over. A SIGUSR1
+    that does not come from the watch (Slurm's ``--signal``, a user) goes to the handler that was there
+    before."""
 
     def __init__(self, launcher_pid: int, interval_s: float = 0.5, grace_s: float = 10.0):
         self.launcher_pid = launcher_pid
         self.interval_s = interval_s
         self.grace_s = grace_s
         self.gone = threading.Event()
-        self._armed = True
+        self._armed = False
+        self._previous = signal.SIG_DFL
         self._thread = threading.Thread(target=self._watch, name="launcher-watch", daemon=True)
 
     def start(self) -> "LauncherWatch":
         if os.getppid() != self.launcher_pid:
             raise LauncherGone(f"the launcher (pid {self.launcher_pid}) exited before this rank started")
-        signal.signal(signal.SIGUSR1, self._interrupt)
+        self._previous = signal.signal(signal.SIGUSR1, self._interrupt) or signal.SIG_DFL  # None: set in C
+        self._armed = True
         self._thread.start()
         return self
 
@@ -55,11 +59,21 @@ class LauncherWatch:
         return self.gone.is_set() or os.getppid() != self.launcher_pid
 
     def disarm(self) -> None:
-        """The run is over (main thread): an interruption still on its way raises nothing."""
-        self._armed = False
+        """The run is over (main thread): an interruption still on its way raises nothing, and SIGUSR1 goes
+        back to its previous handler."""
+        if self._armed:
+            self._armed = False
+            signal.signal(signal.SIGUSR1, self._previous)
 
     def _interrupt(self, signum, frame) -> None:
         # Runs in the main thread, between two bytecodes: no race with disarm().
+        if not self.gone.is_set():  # not ours: what SIGUSR1 did before
+            if callable(self._previous):
+                self._previous(signum, frame)
+            elif self._previous == signal.SIG_DFL:
+                signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return
         if self._armed:
             self._armed = False
             raise LauncherGone(f"the launcher (pid {self.launcher_pid}) is gone")
@@ -68,24 +82,26 @@ class LauncherWatch:
         while os.getppid() == self.launcher_pid:
             time.sleep(self.interval_s)
         self.gone.set()
-        logger.error("the launcher (pid %d) is gone: stopping what this rank launched, then this rank",
-                     self.launcher_pid)
-        from alp_megatron.rollout.process import stop_launched
+        deadline = time.monotonic() + self.grace_s
+        try:
+            logger.error("the launcher (pid %d) is gone: stopping what this rank launched, then this rank",
+                         self.launcher_pid)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # the run unwinds meanwhile
+            from alp_megatron.rollout.process import stop_launched
 
-        stop_launched(why=f"the launcher (pid {self.launcher_pid}) is gone")
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-        time.sleep(self.grace_s)
-        logger.error("still running %.0f s after the launcher died (blocked in a collective?); exiting",
-                     self.grace_s)
-        logging.shutdown()
-        os._exit(1)
+            stop_launched(why=f"the launcher (pid {self.launcher_pid}) is gone")
+        except BaseException:  # the exit below must come whatever happened here
+            logger.exception("stopping after the launcher's death failed")
+        finally:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            logger.error("still running %.0f s after the launcher died (blocked in a collective?); exiting",
+                         self.grace_s)
+            logging.shutdown()
+            os._exit(1)
 
 
 def follow_launcher() -> LauncherWatch | None:
     """Under torchrun (``TORCHELASTIC_RUN_ID`` set): watch the launcher, the parent process. None otherwise."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
-    parent = os.getppid()
-    if parent == 1:
-        raise LauncherGone("the launcher exited before this rank started (its parent is init)")
-    return LauncherWatch(parent).start()
+    return LauncherWatch(os.getppid()).start()  # (torchrun may be pid 1 itself, in a container)

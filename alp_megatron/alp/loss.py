@@ -15,7 +15,8 @@ perturbed training forward for ALP), ``mu`` = ``rollout_logprobs`` (the inferenc
 ``old_logprobs`` (the trainer's unperturbed recomputation, pi_old), ``m`` the loss mask, ``sg`` stop-gradient,
 ``B`` = ``log_ratio_clamp`` (20, the authors' safety bound). The rollout corrections weigh grpo's loss by the
 importance weight of pi_old against the engine, per token ``w_t = exp(clamp(old_t - mu_t, -B, B))`` or per
-sequence ``w = exp(clamp(sum_t m_t (old_t - mu_t), -B, B))``, always detached:
+sequence ``w = exp(clamp(sum_t m_t (old_t - mu_t), -B, B))``, always detached (clamped before the bounds below
+apply, as in the authors' code: a weight beyond e^B is treated as e^B):
 
 - ``alp_seq``: S = sum_t m_t (l_t - mu_t) (or S / sum_t m_t); log_ratio_t = sg(S) + l_t - sg(l_t). The value is
   the whole-sequence ratio, the gradient flows per token.
@@ -510,7 +511,8 @@ def policy_loss(
     loss = aggregate(per_token_loss, mask, cfg.agg, global_denominator)
     kl = None
     if ref_logprobs is not None:
-        kl = cfg.kl()(inputs.logprobs, ref_logprobs.detach().to(dtype), bound)
+        # estimated on masked inputs: padding may hold NaN / inf, and k2's backward multiplies by its input
+        kl = cfg.kl()(_masked(inputs.logprobs, mask), _masked(ref_logprobs.detach().to(dtype), mask), bound)
         if cfg.kl_coef > 0:  # kl_coef = 0 leaves the loss exactly as without a reference
             loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.agg, global_denominator)
 

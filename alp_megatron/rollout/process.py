@@ -440,7 +440,7 @@ def stop_unrecorded_launches() -> list[int]:
     :class:`ManagedProcess` known here: a launch that a signal handler's exception cut off between its fork
     and its record. Returns those group ids. Only for programs whose every such child is a launch of this
     module (other libraries may start sessions too)."""
-    recorded = {process.pid for process in _live}
+    recorded = {process.pid for process in _live_processes()}
     stopped = []  # (the reaper leads a session too, and session_leading_children leaves it out)
     for pid in session_leading_children(os.getpid()):
         if pid not in recorded:
@@ -448,6 +448,14 @@ def stop_unrecorded_launches() -> list[int]:
             _signal_group(pid, signal.SIGKILL)
             stopped.append(pid)
     return stopped
+
+
+def _live_processes() -> list["ManagedProcess"]:
+    while True:  # another thread may start a process meanwhile: the set then changed size under the copy
+        try:
+            return list(_live)
+        except RuntimeError:
+            continue
 
 
 def session_leading_children(parent: int) -> list[int]:
@@ -482,8 +490,8 @@ def group_shared_memory(group: int) -> set[str]:
 
 @atexit.register
 def stop_launched(why: str = "left running at exit", timeout: float = 5.0) -> None:
-    """Stop every process group this process launched and has not stopped yet."""
-    for process in list(_live):
+    """Stop every process group this process launched and has not stopped yet (from any thread)."""
+    for process in _live_processes():
         if process.is_alive() or (process.pid is not None and group_running(process.pid)):
             logger.warning("stopping %s (pid %s): %s", process.name, process.pid, why)
             process.stop(timeout=timeout)

@@ -19,6 +19,7 @@ Not covered: a launcher killed in the microseconds between a group's fork and it
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -39,8 +40,8 @@ _watched: dict[int, str] = {}  # group -> its watch line, sent again to a reaper
 
 def watch(group: int, leader_stop_signal: Optional[int], shared_memory_prefixes: Sequence[str]) -> None:
     """Record a group this process has just launched (started by ``ManagedProcess.start``)."""
-    prefixes = ",".join(shared_memory_prefixes) or "-"
-    line = f"watch {group} {int(leader_stop_signal or 0)} {prefixes}\n"
+    line = json.dumps({"watch": group, "leader_stop_signal": int(leader_stop_signal or 0),
+                       "shared_memory_prefixes": list(shared_memory_prefixes)}) + "\n"
     with _lock:
         _watched[group] = line
         _send(line)
@@ -50,7 +51,7 @@ def forget(group: int) -> None:
     """The group has been stopped by its launcher (``ManagedProcess.stop``)."""
     with _lock:
         if _watched.pop(group, None) is not None:
-            _send(f"forget {group}\n")
+            _send(json.dumps({"forget": group}) + "\n")
 
 
 def pid() -> Optional[int]:
@@ -92,14 +93,22 @@ def _start() -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
 
+_abandoned: list = []  # a forked child's copy of its parent's reaper, never closed there (see below)
+
+
 def _forget_after_fork() -> None:
-    # A child forked from a launcher starts a reaper of its own, and must not hold its parent's pipe open.
+    # A child forked from a launcher starts a reaper of its own, and must not hold its parent's pipe open. The
+    # pipe's descriptor is pointed at /dev/null instead of closed through its file object: closing would flush
+    # (taking a lock another thread of the parent may have held at the fork) and could resend a line.
     global _reaper, _lock
     if _reaper is not None:
         try:
-            _reaper.stdin.close()
-        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, _reaper.stdin.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
             pass
+        _abandoned.append(_reaper)
     _reaper, _lock = None, threading.Lock()
     _watched.clear()
 
@@ -134,6 +143,22 @@ def _stop(group: int, leader_stop_signal: int, prefixes: Sequence[str]) -> None:
                 pass
 
 
+def _apply(line: bytes, groups: dict) -> None:
+    """One message of the launcher: ``{"watch": group, "leader_stop_signal": n, "shared_memory_prefixes": [..]}``
+    or ``{"forget": group}``. A line it cannot read is reported and skipped."""
+    try:
+        message = json.loads(line)
+        if "watch" in message:
+            groups[int(message["watch"])] = (int(message["leader_stop_signal"]),
+                                             tuple(str(p) for p in message["shared_memory_prefixes"]))
+        elif "forget" in message:
+            groups.pop(int(message["forget"]), None)
+        else:
+            raise ValueError("neither watch nor forget")
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        _say(f"skipped a message it cannot read ({error}): {line[:200]!r}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     launcher = int(argv[0])
@@ -151,11 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                words = line.decode().split()
-                if words[:1] == ["watch"]:
-                    groups[int(words[1])] = (int(words[2]), () if words[3] == "-" else tuple(words[3].split(",")))
-                elif words[:1] == ["forget"]:
-                    groups.pop(int(words[1]), None)
+                _apply(line, groups)
         elif parent_gone:  # what the launcher wrote before it died has been read
             break
     stoppers = [threading.Thread(target=_stop, args=(group, *how)) for group, how in groups.items()]

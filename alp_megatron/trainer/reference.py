@@ -38,6 +38,7 @@ class ReferenceModel:
         if offload and not self.offload:
             logger.info("actor.reference_offload: no GPU, so the reference model stays where it is")
         self._device = None
+        self._host: dict[int, torch.Tensor] = {}  # parameter index -> its pinned host copy (never changes)
         if self.offload:
             self._to_host()
 
@@ -72,12 +73,13 @@ class ReferenceModel:
         return (p for chunk in self.chunks for p in chunk.parameters())
 
     def _to_host(self) -> None:
-        for parameter in self._parameters():
+        for index, parameter in enumerate(self._parameters()):
             if parameter.device.type == "cuda":
                 self._device = parameter.device
-                host = torch.empty_like(parameter.data, device="cpu", pin_memory=True)
-                host.copy_(parameter.data)
-                parameter.data = host  # the GPU copy is freed with its last reference
+                if index not in self._host:  # the weights are frozen: copied out once
+                    self._host[index] = torch.empty_like(parameter.data, device="cpu", pin_memory=True)
+                    self._host[index].copy_(parameter.data)
+                parameter.data = self._host[index]  # the GPU copy is freed with its last reference
 
     def _to_device(self) -> None:
         for parameter in self._parameters():

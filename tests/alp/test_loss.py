@@ -321,6 +321,17 @@ def test_kl_estimators_hand_computed(estimator, alias):
         assert lp.grad.tolist() == [pytest.approx([0.1 * g / 3 for g in slope[estimator]], rel=1e-12, abs=1e-15)]
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_ignores_garbage_in_padding(estimator):
+    for garbage in (float("nan"), float("inf"), float("-inf")):
+        lp = t([[-1.0, garbage]], requires_grad=True)
+        loss, metrics = policy_loss(lp, t([[-1.0, garbage]]), t([0.5]), t([[1, 0]]),
+                                    LossConfig(kl_coef=0.1, kl_estimator=estimator), ref_logprobs=t([[-1.5, garbage]]))
+        loss.backward()
+        assert math.isfinite(loss.item()) and math.isfinite(metrics["kl_ref_mean"])
+        assert math.isfinite(lp.grad[0, 0].item()) and lp.grad[0, 1].item() == 0.0
+
+
 def test_kl_needs_the_reference_logprobs():
     with pytest.raises(ValueError, match="ref_logprobs"):
         policy_loss(t(LOGP), t(MU), t(ADV), t(MASK), LossConfig(kl_coef=0.001))

@@ -62,8 +62,8 @@ def test_a_killed_launcher_leaves_no_group_and_no_shared_memory_file(tmp_path):
     while any(group_running(group) for group in groups) and time.monotonic() - started < 15:
         time.sleep(0.05)
     assert not [group for group in groups if group_running(group)], "a group outlived its launcher by 15 s"
-    assert not os.path.exists(shm)  # unlinked as ManagedProcess.stop would
-    assert wait_gone([made["reaper"]], 10) == []  # and the reaper is gone too
+    assert wait_gone([made["reaper"]], 10) == []  # the reaper is gone too, once it has cleaned up:
+    assert not os.path.exists(shm)  # the shared-memory file unlinked, as ManagedProcess.stop would
 
 
 def test_a_group_its_launcher_stopped_is_forgotten(tmp_path):
@@ -124,3 +124,13 @@ def test_the_reaper_of_a_killed_launcher_is_gone_even_if_the_pipe_stays_open(tmp
         assert not group_running(group)
     finally:
         os.kill(keeper, signal.SIGKILL)
+
+
+def test_a_message_it_cannot_read_is_skipped(capsys):
+    groups = {}
+    reaper._apply(b"watch 12 9", groups)  # not JSON
+    reaper._apply(b'{"watch": "x"}', groups)
+    reaper._apply(b'{"watch": 41, "leader_stop_signal": 9, "shared_memory_prefixes": ["a b,c"]}', groups)
+    reaper._apply(b'{"forget": 7}', groups)
+    assert groups == {41: (9, ("a b,c",))}
+    assert capsys.readouterr().err.count("skipped a message it cannot read") == 2
