@@ -171,8 +171,7 @@ class ManagedProcess:
     def note_shared_memory(self) -> None:
         """Remember the ``/dev/shm`` files with :attr:`shared_memory_prefixes` that the group uses now."""
         if self._popen is not None and self.shared_memory_prefixes:
-            self._shared_memory |= {path for path in group_shared_memory(self._popen.pid)
-                                    if os.path.basename(path).startswith(self.shared_memory_prefixes)}
+            self._shared_memory |= group_shared_memory(self._popen.pid, self.shared_memory_prefixes)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the group (:func:`stop_group`: ``leader_stop_signal`` to the leader, SIGTERM to the group,
@@ -192,14 +191,7 @@ class ManagedProcess:
         _live.discard(self)
 
     def _unlink_shared_memory(self) -> None:
-        for path in sorted(self._shared_memory):
-            try:
-                os.unlink(path)
-                logger.debug("%s: removed %s, left behind in shared memory", self.name, path)
-            except FileNotFoundError:
-                pass
-            except OSError as error:
-                logger.warning("%s: could not remove %s, left behind in shared memory: %s", self.name, path, error)
+        unlink_left_behind(self._shared_memory, self.name)
         self._shared_memory.clear()
 
     def log_tail(self, lines: int = 40) -> str:
@@ -465,8 +457,23 @@ def session_leading_children(parent: int) -> list[int]:
             if ppid == parent and session == pid and not reaper.is_reaper(pid)]
 
 
-def group_shared_memory(group: int) -> set[str]:
-    """The ``/dev/shm`` files that the running processes of ``group`` have mapped or open."""
+def unlink_left_behind(paths, name: str) -> None:
+    """Unlink the shared-memory files ``paths`` that the stopped group ``name`` left behind."""
+    for path in sorted(paths):
+        try:
+            os.unlink(path)
+            logger.debug("%s: removed %s, left behind in shared memory", name, path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            logger.warning("%s: could not remove %s, left behind in shared memory: %s", name, path, error)
+
+
+def group_shared_memory(group: int, prefixes: Optional[Sequence[str]] = None) -> set[str]:
+    """The ``/dev/shm`` files that the running processes of ``group`` have mapped or open (only those whose
+    name starts with one of ``prefixes``, when given)."""
+    if prefixes is not None:
+        return {path for path in group_shared_memory(group) if os.path.basename(path).startswith(tuple(prefixes))}
     paths: set[str] = set()
     for pid in group_members(group):
         try:

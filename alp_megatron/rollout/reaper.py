@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,22 @@ def pid() -> Optional[int]:
 
 def is_reaper(process_id: int) -> bool:
     """Whether ``process_id`` runs this module (any process's reaper)."""
-    try:
-        with open(f"/proc/{process_id}/cmdline", "rb") as handle:
-            return _MODULE.encode() in handle.read().split(b"\0")
-    except OSError:
-        return False
+    if _reaper is not None and process_id == _reaper.pid:
+        return True
+    # A process still inside exec() has an empty cmdline for a moment after its parent's Popen returned (the
+    # kernel closes the close-on-exec pipe Popen waits for before it maps the new arguments): read again.
+    deadline = time.monotonic() + 0.5
+    while True:
+        try:
+            with open(f"/proc/{process_id}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+            with open(f"/proc/{process_id}/stat", "rb") as handle:
+                zombie = handle.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+        except OSError:
+            return False
+        if cmdline or zombie or time.monotonic() > deadline:
+            return _MODULE.encode() in cmdline.split(b"\0")
+        time.sleep(0.001)
 
 
 def _send(line: str) -> None:
@@ -128,19 +140,14 @@ def _say(message: str) -> None:
 
 
 def _stop(group: int, leader_stop_signal: int, prefixes: Sequence[str]) -> None:
-    from alp_megatron.rollout.process import group_running, group_shared_memory, stop_group
+    from alp_megatron.rollout.process import group_running, group_shared_memory, stop_group, unlink_left_behind
 
     if not group_running(group):
         return
-    files = {path for path in group_shared_memory(group) if os.path.basename(path).startswith(tuple(prefixes))}
+    files = group_shared_memory(group, prefixes)
     _say(f"its launcher is gone; stopping process group {group}")
-    gone = stop_group(group, f"process group {group}", leader_stop_signal or None, timeout=5.0)
-    if gone:
-        for path in files:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+    if stop_group(group, f"process group {group}", leader_stop_signal or None, timeout=5.0):
+        unlink_left_behind(files, f"process group {group}")
 
 
 def _apply(line: bytes, groups: dict) -> None:

@@ -161,8 +161,8 @@ def build_run(config, resume: bool) -> RunState:
         reward_fn = reward_function(config)
         batches = _prompt_batches(config, tokenizer, None)
     policy = Policy.build(config, hf_dir)
-    progress, resumed = RunProgress(), False
-    if resume and latest:
+    progress, resumed = RunProgress(), bool(resume and latest)
+    if resumed:
         try:
             trainer_state = load_checkpoint(latest, policy.ddp_chunks, policy.optimizer, policy.scheduler)
         except AlpError:
@@ -174,7 +174,7 @@ def build_run(config, resume: bool) -> RunState:
                            f"{policy.arch.num_layers} layers, hidden {policy.arch.hidden_size}): "
                            f"{cause or error}. "
                            "Resume with the config that wrote it, or use another --output-dir") from error
-        progress, resumed = RunProgress.from_state(trainer_state), True
+        progress = RunProgress.from_state(trainer_state)
         progress.restore(policy.actor, batches)  # batches: rank 0's prompt stream, None elsewhere
         logger.info("resumed from %s (next step %d)", latest, progress.next_step)
     elif resume:

@@ -105,7 +105,7 @@ def _model_sharded_state(ddp_chunks: list) -> dict:
     return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(ddp_chunks)}
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     """This rank's RNG states. The ALP noise and SGLang's sampling are seeded by their own keys, so on the
     default config (no dropout) nothing reads them; with dropout on (``model.megatron.extra``
     ``hidden_dropout`` / ``attention_dropout``) the masks come from the torch and tracker states, and a resume
@@ -125,7 +125,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
@@ -163,7 +163,7 @@ def save_checkpoint(directory: str, step: int, ddp_chunks: list, optimizer, sche
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_DIST_OPT_METADATA)
     dist_checkpointing.save(sharded, partial)
     os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+    torch.save(rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
         state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
                  **trainer_state}
@@ -234,7 +234,7 @@ def load_checkpoint(path: str, ddp_chunks: list, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(trainer_state.pop("scheduler"))
     rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.pt")
     if trainer_state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):
-        _restore_rng_state(torch.load(rng_file, weights_only=False))
+        restore_rng_state(torch.load(rng_file, weights_only=False))
     else:
         logger.warning("checkpoint %s was saved by %s ranks, this run has %d: RNG states not restored",
                        path, trainer_state.get("world_size"), dist.get_world_size())

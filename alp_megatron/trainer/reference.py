@@ -90,15 +90,10 @@ class ReferenceModel:
 
 @contextlib.contextmanager
 def _rng_preserved():
-    from megatron.core import tensor_parallel
+    from alp_megatron.trainer.checkpoint import restore_rng_state, rng_state
 
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    cpu, states = torch.get_rng_state(), tracker.get_states()
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    state = rng_state()
     try:
         yield
     finally:
-        torch.set_rng_state(cpu)
-        tracker.set_states(states)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+        restore_rng_state(state)
