@@ -3,11 +3,18 @@
 Training forward only, at the input of decoder layer ``l`` (before its input norm, so the residual stream
 carries it):  ``h_l <- h_l + sigma_l * eps_l``,  ``sigma_l = exp(log_sigma_l)``,  ``eps_l ~ N(0, I)``.
 
-The noise is a deterministic function of ``(seed, step, global sample id, global layer index)``: for each
-sample the full-sequence noise ``[S, hidden]`` is drawn from its own explicitly seeded generator (never from
-torch's or Megatron's RNG streams), and each rank keeps exactly the rows it holds under context and sequence
-parallelism. Hence tensor-parallel ranks see identical noise when activations are replicated, sharded ranks
-see disjoint slices whose union is the unsharded noise, and the result does not depend on the layout.
+The noise of one token is a function of ``(seed, optimizer step, global sample id, global layer, the
+token's position within its sample, hidden index)`` only, never of how samples are batched, padded, packed
+or split. It is drawn in fixed blocks of :data:`ROW_BLOCK` positions x :data:`COLUMN_BLOCK` columns of one
+sample, each from its own explicitly seeded generator (never torch's or Megatron's RNG streams); a rank
+draws only the blocks that overlap the rows and columns it holds (context and sequence parallelism split
+rows, vocab parallelism splits the logits' columns), so its noise memory and time follow its local shard,
+with at most one partial block at each edge of a sample's rows and of its column slice. Tensor-parallel
+ranks holding replicated activations see identical noise, sharded ranks disjoint pieces of one draw.
+
+At a 32k-token response, hidden 7168, one layer: the full sample's noise is 0.94 GB fp32; a rank of SP=8
+draws its 4096 rows (117 MB) plus at most two row blocks (3.7 MB). The logits-only target at a 152k
+vocabulary and TP=8 draws each token's 19k-column slice (24.6k with its edge blocks) instead of all 152k.
 
 Only torch is imported here; the Megatron side (which rank holds which rows) is passed in as a
 :class:`SequenceShard`.
@@ -111,17 +118,41 @@ class SequenceShard:
     cp_size: int = 1
 
     def full_length(self, local_length: int) -> int:
-        sp = self.tp_size if self.sequence_parallel else 1
-        return local_length * sp * self.cp_size
+        return local_length * self._sp * self.cp_size
 
-    def rows(self, full: torch.Tensor) -> torch.Tensor:
-        """Slice ``full`` (sequence first) down to the rows this rank holds."""
-        if self.cp_size > 1:
-            chunks = full.chunk(2 * self.cp_size, dim=0)
-            full = torch.cat([chunks[self.cp_rank], chunks[2 * self.cp_size - 1 - self.cp_rank]], dim=0)
-        if self.sequence_parallel and self.tp_size > 1:
-            full = full.chunk(self.tp_size, dim=0)[self.tp_rank]
-        return full
+    def local_length(self, full_length: int) -> int:
+        return full_length // (self._sp * self.cp_size)
+
+    def runs(self, local_length: int, segment_rows: Optional[Sequence[int]] = None) -> list[tuple[int, int, int]]:
+        """The rows this rank holds as ``(local start, full-sequence start, length)`` runs, in local order.
+
+        ``segment_rows`` (packed layout under context parallelism): the rows each sample occupies, in order;
+        each sample is then split into ``2 * cp`` chunks on its own, as Megatron's THD format does. Otherwise
+        context parallelism chunks the whole sequence. Sequence parallelism then takes this rank's contiguous
+        part of the context-parallel rank's rows.
+        """
+        cp, rank = self.cp_size, self.cp_rank
+        if cp == 1:
+            before_sp = [(0, local_length * self._sp)]
+        else:
+            whole = [local_length * self._sp * cp] if segment_rows is None else list(segment_rows)
+            before_sp, offset = [], 0
+            for rows in whole:
+                chunk = rows // (2 * cp)
+                before_sp += [(offset + rank * chunk, chunk), (offset + (2 * cp - 1 - rank) * chunk, chunk)]
+                offset += rows
+        first = self.tp_rank * local_length if self._sp > 1 else 0
+        runs, position = [], 0  # position: where each before-SP run starts in the CP rank's local sequence
+        for start, length in before_sp:
+            low, high = max(first, position), min(first + local_length, position + length)
+            if low < high:
+                runs.append((low - first, start + low - position, high - low))
+            position += length
+        return runs
+
+    @property
+    def _sp(self) -> int:
+        return self.tp_size if self.sequence_parallel and self.tp_size > 1 else 1
 
 
 def noise_seed(*parts: int) -> int:
@@ -137,10 +168,36 @@ def noise_seed(*parts: int) -> int:
     return state & ((1 << 63) - 1)
 
 
+ROW_BLOCK = 64
+"""Positions of one sample per noise block: a rank draws at most one partial block at each edge of its rows."""
+COLUMN_BLOCK = 4096
+"""Columns per noise block (a hidden state of 7168 is two blocks); a vocab-parallel logits slice draws only the
+blocks that overlap it."""
+
+
 @dataclass(frozen=True)
 class NoiseKey:
+    """What one micro-batch's forward is keyed by.
+
+    ``lengths`` None: the padded layout ``[batch, S]``, one sample per batch row starting at position 0.
+    ``lengths`` given: the packed layout ``[1, T]``, the samples concatenated in order along the sequence
+    (``lengths[i]`` tokens each, positions restarting at 0 per sample; rows past their sum are padding and get
+    no noise). Under context parallelism a packed sample occupies ``padded_lengths[i]`` rows (its length
+    rounded up to Megatron's ``2 * cp`` chunks, split per sample as THD does); None means ``lengths``.
+    """
+
     step: int
     sample_ids: tuple[int, ...]
+    lengths: Optional[tuple[int, ...]] = None
+    padded_lengths: Optional[tuple[int, ...]] = None
+
+    @property
+    def packed(self) -> bool:
+        return self.lengths is not None
+
+    @property
+    def batch(self) -> int:
+        return 1 if self.packed else len(self.sample_ids)
 
 
 class NoiseSource:
@@ -159,14 +216,21 @@ class NoiseSource:
         self.replays_recompute = replays_recompute
         self._key: Optional[NoiseKey] = None
         self._pending: dict[int, deque[NoiseKey]] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.drawn_elements = 0  # noise values generated so far (edge blocks included): what the draws cost
 
-    def set_microbatch(self, step: int, sample_ids: Sequence[int] | torch.Tensor) -> None:
-        """Key the next forward: ``step`` (optimizer step) and the global id of each sample in the batch."""
-        if isinstance(sample_ids, torch.Tensor):
-            sample_ids = sample_ids.tolist()
+    def set_microbatch(self, step: int, sample_ids: Sequence[int] | torch.Tensor,
+                       lengths: Optional[Sequence[int] | torch.Tensor] = None,
+                       padded_lengths: Optional[Sequence[int] | torch.Tensor] = None) -> None:
+        """Key the next forward: ``step`` (optimizer step) and the global id of each sample in the micro-batch;
+        ``lengths`` (and ``padded_lengths``) for a packed micro-batch (see :class:`NoiseKey`)."""
         if self._key is not None and self._key.step != step:
             self._pending.clear()
-        self._key = NoiseKey(int(step), tuple(int(i) for i in sample_ids))
+        self._key = NoiseKey(int(step), _ints(sample_ids), None if lengths is None else _ints(lengths),
+                             None if padded_lengths is None else _ints(padded_lengths))
+        if self._key.packed and len(self._key.lengths) != len(self._key.sample_ids):
+            raise ValueError(f"set_microbatch: {len(self._key.sample_ids)} sample ids but "
+                             f"{len(self._key.lengths)} lengths")
 
     def key_for(self, layer_index: int, training: bool) -> NoiseKey:
         in_backward = torch._C._current_graph_task_id() != -1
@@ -187,24 +251,85 @@ class NoiseSource:
     ) -> torch.Tensor:
         """fp32 noise of ``local_shape`` = ``[s_local, batch, hidden]`` for this rank; with ``columns`` the
         last dimension is this rank's slice of a wider one (vocab-parallel logits)."""
-        local_len, batch, hidden = local_shape
-        if batch != len(key.sample_ids):
+        local_len, batch, width = local_shape
+        if batch != key.batch:
+            what = "a packed micro-batch has one row" if key.packed else f"{len(key.sample_ids)} sample ids"
             raise RuntimeError(
-                f"ALP noise key has {len(key.sample_ids)} sample ids but the micro-batch has {batch} samples: "
-                "pass one global sample id per sample to set_microbatch"
+                f"ALP noise key: {what} but the micro-batch has {batch} rows: pass one global sample id per "
+                "sample to set_microbatch (and their lengths for a packed micro-batch)"
             )
+        columns = columns or ColumnShard(0, width)
+        out = torch.zeros(batch, local_len, width, device=device, dtype=torch.float32)
         full_len = shard.full_length(local_len)
-        width = hidden if columns is None else columns.full_width
-        per_sample = []
-        for sample_id in key.sample_ids:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(noise_seed(self.seed, key.step, sample_id, layer_index))
-            full = torch.randn(full_len, width, generator=generator, device=device, dtype=torch.float32)
-            if columns is not None:  # this rank's columns; any past full_width (vocab padding) get zeros
-                full = full[:, columns.start : columns.start + hidden]
-                full = torch.nn.functional.pad(full, (0, hidden - full.shape[1]))
-            per_sample.append(shard.rows(full))
-        return torch.stack(per_sample, dim=1)
+        if key.packed:
+            rows = key.padded_lengths or key.lengths
+            if shard.cp_size > 1 and sum(rows) != full_len:
+                raise RuntimeError(f"ALP noise key: the packed samples occupy {sum(rows)} rows but the context-"
+                                   f"parallel sequence has {full_len}; give each sample's padded_lengths")
+            segments = [list(zip(key.sample_ids, key.lengths, rows))]
+            runs = shard.runs(local_len, rows if shard.cp_size > 1 else None)
+        else:
+            segments = [[(sample_id, full_len, full_len)] for sample_id in key.sample_ids]
+            runs = shard.runs(local_len)
+        for b, row_segments in enumerate(segments):
+            for local_start, start, length in runs:
+                for sample_id, position, count, local in _positions(row_segments, start, length):
+                    self._fill(out[b, local_start + local : local_start + local + count], key.step, sample_id,
+                               layer_index, position, columns)
+        return out.transpose(0, 1)
+
+    def _fill(self, out: torch.Tensor, step: int, sample_id: int, layer_index: int, position: int,
+              columns: "ColumnShard") -> None:
+        """Write the noise of positions ``[position, position + len(out))`` of one sample, columns
+        ``columns.start ...`` (those past ``columns.full_width`` stay zero), into ``out``."""
+        width = min(out.shape[1], columns.full_width - columns.start)
+        if width <= 0:  # this rank's columns are all vocabulary padding
+            return
+        generator = self._generator(out.device)
+        first_row, last_row = position // ROW_BLOCK, (position + out.shape[0] - 1) // ROW_BLOCK
+        first_col, last_col = columns.start // COLUMN_BLOCK, (columns.start + width - 1) // COLUMN_BLOCK
+        for row_block in range(first_row, last_row + 1):
+            row0 = row_block * ROW_BLOCK
+            lo, hi = max(position, row0), min(position + out.shape[0], row0 + ROW_BLOCK)
+            for col_block in range(first_col, last_col + 1):
+                col0 = col_block * COLUMN_BLOCK
+                block_width = min(COLUMN_BLOCK, columns.full_width - col0)
+                c_lo, c_hi = max(columns.start, col0), min(columns.start + width, col0 + block_width)
+                generator.manual_seed(noise_seed(self.seed, step, sample_id, layer_index, row_block, col_block))
+                target = out[lo - position : hi - position, c_lo - columns.start : c_hi - columns.start]
+                if (hi - lo, c_hi - c_lo) == (ROW_BLOCK, block_width) and target.is_contiguous():
+                    torch.randn(ROW_BLOCK, block_width, generator=generator, out=target)
+                else:
+                    block = torch.randn(ROW_BLOCK, block_width, generator=generator, device=out.device,
+                                        dtype=torch.float32)
+                    target.copy_(block[lo - row0 : hi - row0, c_lo - col0 : c_hi - col0])
+                self.drawn_elements += ROW_BLOCK * block_width
+
+    def _generator(self, device) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+
+def _ints(values) -> tuple[int, ...]:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    return tuple(int(v) for v in values)
+
+
+def _positions(segments, start: int, length: int):
+    """For full-sequence rows ``[start, start + length)`` of one batch row holding ``segments`` (``(sample id,
+    tokens, rows)`` in order), the pieces ``(sample id, first position, count, offset within the run)`` that
+    are a sample's tokens (a segment's rows past its tokens are padding)."""
+    offset = 0
+    for sample_id, tokens, rows in segments:
+        low, high = max(start, offset), min(start + length, offset + min(tokens, rows))
+        if low < high:
+            yield sample_id, low - offset, high - low, low - start
+        offset += rows
+        if offset >= start + length:
+            break
 
 
 @dataclass(frozen=True)
@@ -368,10 +493,12 @@ def alp_disabled(*models: torch.nn.Module):
             s.enabled = was
 
 
-def set_microbatch(model: torch.nn.Module, step: int, sample_ids: Sequence[int] | torch.Tensor) -> None:
+def set_microbatch(model: torch.nn.Module, step: int, sample_ids: Sequence[int] | torch.Tensor,
+                   lengths: Optional[Sequence[int] | torch.Tensor] = None,
+                   padded_lengths: Optional[Sequence[int] | torch.Tensor] = None) -> None:
     """Key the next training forward of every ALP layer in ``model`` (see NoiseSource.set_microbatch)."""
     for source in noise_sources(model):
-        source.set_microbatch(step, sample_ids)
+        source.set_microbatch(step, sample_ids, lengths, padded_lengths)
 
 
 def sigma_by_layer(model: torch.nn.Module) -> dict[int, float]:

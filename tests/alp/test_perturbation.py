@@ -60,6 +60,80 @@ def test_context_parallel_uses_megatrons_load_balanced_chunks():
     assert torch.equal(torch.cat(both), rank1)
 
 
+
+def _noise(key, shard, rows, hidden=8, source=None, columns=None):
+    """This rank's noise for a sequence of ``rows`` full rows."""
+    source = source or NoiseSource(seed=5)
+    local = torch.Size([shard.local_length(rows), key.batch, hidden if columns is None else columns[0]])
+    return source.draw(key, 2, shard, local, "cpu", None if columns is None else columns[1])
+
+
+def test_a_tokens_noise_is_the_same_padded_to_any_length_or_packed_at_any_offset():
+    # samples longer than a noise block, at offsets that are not multiples of one
+    short, long = 70, 150
+    padded = _noise(NoiseKey(3, (10, 11)), SequenceShard(), 160)
+    assert torch.equal(_noise(NoiseKey(3, (10, 11)), SequenceShard(), 224)[:160], padded)
+    first = _noise(NoiseKey(3, (10, 11), lengths=(short, long)), SequenceShard(), 230)[:, 0]
+    second = _noise(NoiseKey(3, (11, 10), lengths=(long, short)), SequenceShard(), 230)[:, 0]
+    assert torch.equal(first[:short], padded[:short, 0]) and torch.equal(second[long : long + short], padded[:short, 0])
+    assert torch.equal(first[short : short + long], padded[:long, 1]) and torch.equal(second[:long], padded[:long, 1])
+    assert not first[short + long :].any()  # the packed micro-batch's padding gets no noise
+
+
+def test_packed_samples_split_by_sequence_parallelism_are_exact_slices():
+    key = NoiseKey(3, (10, 11, 12), lengths=(70, 150, 9))
+    whole = _noise(key, SequenceShard(), 232)
+    for tp in (2, 4):
+        parts = [_noise(key, SequenceShard(tp_rank=r, tp_size=tp, sequence_parallel=True), 232) for r in range(tp)]
+        assert torch.equal(torch.cat(parts), whole)
+
+
+def test_packed_context_parallelism_splits_each_sample_into_its_own_chunks():
+    # Megatron's THD format under CP=2: each sample padded to a multiple of 4 rows and cut into 4 chunks;
+    # CP rank r holds chunks r and 3 - r of every sample, and SP then splits that
+    lengths, padded = (70, 150), (72, 152)
+    key = NoiseKey(3, (10, 11), lengths=lengths, padded_lengths=padded)
+    whole = _noise(key, SequenceShard(), 224)
+    samples = whole.split(list(padded))
+    for cp_rank in range(2):
+        expected = torch.cat([torch.cat([c[cp_rank], c[3 - cp_rank]]) for c in (s.chunk(4) for s in samples)])
+        assert torch.equal(_noise(key, SequenceShard(cp_rank=cp_rank, cp_size=2), 224), expected)
+        split = [_noise(key, SequenceShard(tp_rank=t, tp_size=2, sequence_parallel=True, cp_rank=cp_rank,
+                                           cp_size=2), 224) for t in range(2)]
+        assert torch.equal(torch.cat(split), expected)
+    assert not samples[0][70:].any() and not samples[1][150:].any()  # the rows CP padding adds
+
+
+def test_a_rank_draws_noise_for_its_own_rows_only():
+    from alp_megatron.alp.perturbation import ROW_BLOCK
+
+    rows, hidden, key = 16 * ROW_BLOCK, 8, NoiseKey(0, (4,))
+    for shard, local in ((SequenceShard(), rows), (SequenceShard(tp_size=4, sequence_parallel=True), rows // 4),
+                         (SequenceShard(cp_rank=1, cp_size=2), rows // 2),
+                         (SequenceShard(cp_rank=1, cp_size=4, tp_rank=1, tp_size=2, sequence_parallel=True),
+                          rows // 8)):
+        source = NoiseSource(seed=5)
+        _noise(key, shard, rows, hidden, source)
+        assert source.drawn_elements == local * hidden  # block-aligned rows: nothing drawn but what is used
+    # rows that start and end inside a block cost at most one block at each edge of each run
+    source = NoiseSource(seed=5)
+    shard = SequenceShard(tp_rank=1, tp_size=3, sequence_parallel=True)
+    _noise(key, shard, 3 * 100, hidden, source)
+    assert 100 * hidden <= source.drawn_elements <= (100 + 2 * ROW_BLOCK) * hidden
+
+
+def test_a_vocab_parallel_rank_draws_the_logits_noise_of_its_own_columns_only():
+    from alp_megatron.alp.perturbation import COLUMN_BLOCK, ROW_BLOCK, ColumnShard
+
+    vocab, tp = 152064, 8
+    width = vocab // tp
+    for rank in (0, 3, 7):
+        source = NoiseSource(seed=5)
+        _noise(NoiseKey(0, (4,)), SequenceShard(), ROW_BLOCK, source=source,
+               columns=(width, ColumnShard(rank * width, vocab)))
+        assert source.drawn_elements <= ROW_BLOCK * (width + 2 * COLUMN_BLOCK) < ROW_BLOCK * vocab / 2
+
+
 def test_noise_seed_is_stable_and_mixes_every_part():
     assert noise_seed(1, 2, 3, 4) == noise_seed(1, 2, 3, 4)
     seeds = {noise_seed(1, 2, 3, 4), noise_seed(1, 2, 4, 3), noise_seed(2, 1, 3, 4), noise_seed(1, 2, 3, 5)}
