@@ -258,6 +258,14 @@ class RunConfig:
                               "each response with its row's label",
                               "name the dataset field that holds the answer (e.g. label), or use a reward "
                               "function that needs no label")
+        budget, longest = self.actor.max_tokens_per_microbatch, (self.data.max_prompt_tokens
+                                                                  + self.rollout.sampling.max_new_tokens)
+        if budget is not None and budget < longest:
+            raise ConfigError("actor.max_tokens_per_microbatch",
+                              f"{budget} tokens cannot hold the longest sample, data.max_prompt_tokens "
+                              f"({self.data.max_prompt_tokens}) + rollout.sampling.max_new_tokens "
+                              f"({self.rollout.sampling.max_new_tokens}) = {longest}",
+                              f"set it to at least {longest} (a packed micro-batch never truncates a sample)")
         if self.actor.temperature != self.rollout.sampling.temperature:
             raise ConfigError("actor.temperature",
                               f"{self.actor.temperature} differs from rollout.sampling.temperature "

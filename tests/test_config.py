@@ -51,6 +51,19 @@ def test_bad_values_name_the_field(override, field):
     assert error.value.field == field, str(error.value)
 
 
+def test_a_token_budget_that_cannot_hold_the_longest_sample_names_both_numbers():
+    with pytest.raises(ConfigError) as error:
+        load_run_config(None, ("actor.max_tokens_per_microbatch=1000", "data.max_prompt_tokens=512",
+                               "rollout.sampling.max_new_tokens=1024"))
+    assert error.value.field == "actor.max_tokens_per_microbatch"
+    assert "512" in str(error.value) and "1024" in str(error.value) and "at least 1536" in error.value.fix
+    with pytest.raises(ConfigError, match="actor.max_tokens_per_microbatch"):
+        load_run_config(None, ("actor.max_tokens_per_microbatch=0",))
+    config = load_run_config(None, ("actor.max_tokens_per_microbatch=1536", "data.max_prompt_tokens=512",
+                                    "rollout.sampling.max_new_tokens=1024"))
+    assert config.actor.max_tokens_per_microbatch == 1536
+
+
 def test_server_flags_the_config_owns_point_to_its_fields():
     with pytest.raises(ConfigError) as error:
         load_run_config(None, ('rollout.server_extra_args=["--tp-size", "2"]',))

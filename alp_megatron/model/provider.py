@@ -263,6 +263,7 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
 
     from alp_megatron.alp.layer_spec import alp_decoder_block_spec
+    from alp_megatron.model.packing import restart_rotary_positions
 
     parallel.check_model(arch)
     config = transformer_config(arch, parallel, model)
@@ -292,6 +293,9 @@ def build_model(
         if alp.perturbs_logits and chunks[-1].post_process:
             _perturb_logits(chunks[-1], arch, alp, source)
         _mask_padded_vocab(chunks[-1], arch.vocab_size)
+        chunks[-1].alp_backend = model.backend  # how model.packing.forward runs a packed micro-batch
+        if model.backend == "local":
+            restart_rotary_positions(chunks[-1])
     return chunks
 
 

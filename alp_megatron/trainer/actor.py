@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -27,8 +29,9 @@ from alp_megatron.alp.loss import LossConfig, get_loss_method, policy_loss
 from alp_megatron.alp.perturbation import alp_disabled
 from alp_megatron.alp.stats import train_inference_ratio
 from alp_megatron.errors import ConfigError
+from alp_megatron.model import packing
 from alp_megatron.model.logprobs import token_entropy, token_logprobs
-from alp_megatron.trainer.batch import TrainingBatch
+from alp_megatron.trainer.batch import TrainingBatch, micro_batch_counts, packed_micro_batch, plan_micro_batches
 from alp_megatron.trainer.engine import train_step
 
 logger = logging.getLogger(__name__)
@@ -40,7 +43,10 @@ class ActorConfig:
     mini-batches in the same order). ``micro_batch_size``: sequences per forward.
     ``temperature``: the rollout's sampling temperature (logprobs are scored at the same one).
     ``compute_old_logprobs``: the unperturbed pass of step 1 (forced on for methods that need pi_old).
-    ``reference_offload``: on a GPU, keep the KL reference model in host memory between its passes."""
+    ``reference_offload``: on a GPU, keep the KL reference model in host memory between its passes.
+    ``max_tokens_per_microbatch``: pack each rank's samples into micro-batches of at most this many tokens
+    (no padding between samples; see :mod:`alp_megatron.model.packing`); None: ``micro_batch_size``
+    padded sequences per micro-batch."""
 
     num_mini_batches: int = 1
     epochs: int = 1
@@ -48,8 +54,13 @@ class ActorConfig:
     temperature: float = 1.0
     compute_old_logprobs: bool = True
     reference_offload: bool = False
+    max_tokens_per_microbatch: Optional[int] = None
 
     def __post_init__(self):
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
+            raise ConfigError("actor.max_tokens_per_microbatch", f"must be >= 1, got {self.max_tokens_per_microbatch}",
+                              "use e.g. the longest prompt plus rollout.max_new_tokens, or null for padded "
+                              "micro-batches of actor.micro_batch_size sequences")
         if self.epochs < 1:
             raise ConfigError("actor.epochs", f"must be >= 1, got {self.epochs}",
                               "use 1, or more passes over the mini-batches of a rollout batch")
@@ -115,30 +126,64 @@ class Actor:
         return [batch.select(slice(m * per_mini + dp_rank * per_rank, m * per_mini + (dp_rank + 1) * per_rank))
                 for m in range(k)]
 
-    def _micro_batches(self, share: TrainingBatch) -> list[dict]:
-        mbs = self.config.micro_batch_size
-        return [share.select(slice(i, i + mbs)).as_micro_batch() for i in range(0, share.size, mbs)]
+    def _micro_batches(self, share: TrainingBatch, mini_batch_lengths: list[int]) -> tuple[list[dict], int]:
+        """This rank's micro-batches of ``share`` and the sequence length the pipeline schedule is told.
+
+        Packed: every data-parallel rank plans the same number of micro-batches (the most any rank's share
+        needs, from ``mini_batch_lengths``, the lengths of the whole mini-batch, known on every rank), as
+        expert parallelism's all-to-alls need; under pipeline parallelism all are padded to one length (the
+        schedule sends fixed-shape activations); under sequence parallelism to a multiple of TP.
+        """
+        from megatron.core import parallel_state
+
+        budget = self.config.max_tokens_per_microbatch
+        if budget is None:
+            mbs = self.config.micro_batch_size
+            micro = [share.select(slice(i, i + mbs)).as_micro_batch() for i in range(0, share.size, mbs)]
+            for i, m in enumerate(micro):
+                m["rows"] = torch.arange(i * mbs, i * mbs + m["tokens"].shape[0])
+            return [_on_device(m) for m in micro], share.seq_length
+        dp_size = parallel_state.get_data_parallel_world_size()
+        count = max(micro_batch_counts(mini_batch_lengths, budget, dp_size))
+        plan = plan_micro_batches(share.lengths.tolist(), budget, count, share.sample_ids.tolist())
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        multiple = tp if self.chunks[0].config.sequence_parallel else 1
+        total = None
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            longest = max(int(share.lengths[indices].sum()) for indices in plan)
+            total = -(-longest // multiple) * multiple
+        micro = [_on_device(packed_micro_batch(share, indices, multiple, total)) for indices in plan]
+        return micro, max(m["tokens"].shape[1] for m in micro)
 
     # -- passes ------------------------------------------------------------------------------------------
 
+    def score(self, chunks: list, batch: TrainingBatch) -> tuple:
+        """Unperturbed ``(logprobs, entropy)``, each ``[n_local, S]``, of this rank's samples of ``batch``
+        under ``chunks`` (the actor's for pi_old, the reference model's), in the micro-batches training uses,
+        through the pipeline schedule, on the last pipeline stage; ``(None, None)`` on the others."""
+        return self._score(chunks, self._rank_share(batch), self._mini_batch_lengths(batch))
+
+    def _mini_batch_lengths(self, batch: TrainingBatch) -> list[list[int]]:
+        per_mini = batch.size // self.config.num_mini_batches
+        return [batch.lengths[m * per_mini : (m + 1) * per_mini].tolist() for m in range(self.config.num_mini_batches)]
+
     @torch.no_grad()
-    def score(self, chunks: list, shares: list[TrainingBatch], seq_length: int) -> tuple:
-        """Unperturbed ``(logprobs, entropy)``, each ``[n_local, S]``, of this rank's samples under ``chunks``
-        (the actor's for pi_old, the reference model's), in micro-batches through the pipeline schedule, on
-        the last pipeline stage; ``(None, None)`` on the others."""
+    def _score(self, chunks: list, shares: list[TrainingBatch], lengths: list[list[int]]) -> tuple:
+        """:meth:`score` of this rank's ``shares``; ``lengths``: each whole mini-batch's sample lengths."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         temperature = self.config.temperature
-        micro_batches = [mb for share in shares for mb in self._micro_batches(share)]
+        planned = [self._micro_batches(share, mini) for share, mini in zip(shares, lengths)]
+        micro_batches = [mb for micro, _ in planned for mb in micro]
 
         def forward_step(data_iterator, model):
             micro = next(data_iterator)
-            output = model(micro["tokens"], micro["position_ids"], None)
+            output = packing.forward(model, micro)
 
             def collect(logits):
-                logprobs = token_logprobs(logits, micro["targets"], temperature)
-                entropy = token_entropy(logits, temperature)
+                logprobs = _per_sample(token_logprobs(logits, _targets(micro), temperature), micro)
+                entropy = _per_sample(token_entropy(logits, temperature), micro)
                 zero = logits.new_zeros(())
                 return zero, torch.ones((), dtype=torch.int), {"logprobs": logprobs, "entropy": entropy}
 
@@ -155,8 +200,8 @@ class Actor:
                     data_iterator=[iter(micro_batches) for _ in range(vp)] if vp > 1 else iter(micro_batches),
                     model=chunks if vp > 1 else chunks[0],
                     num_microbatches=len(micro_batches),
-                    seq_length=seq_length,
-                    micro_batch_size=self.config.micro_batch_size,
+                    seq_length=max(seq for _, seq in planned),
+                    micro_batch_size=micro_batches[0]["tokens"].shape[0],
                     forward_only=True,
                 )
             finally:
@@ -165,29 +210,35 @@ class Actor:
                         chunk.train()
         if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return None, None
-        return (torch.cat([r["logprobs"] for r in reports]), torch.cat([r["entropy"] for r in reports]))
+        out, start = [], 0
+        for share, (micro, _) in zip(shares, planned):
+            done = reports[start : start + len(micro)]
+            start += len(micro)
+            out.append((_rows(done, micro, "logprobs", share), _rows(done, micro, "entropy", share)))
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
     def train(self, batch: TrainingBatch) -> ActorReport:
         """K optimizer steps on ``batch`` (identical on every rank). Returns what happened, on every rank."""
         shares = self._rank_share(batch)
         local = TrainingBatch(**{name: torch.cat([getattr(s, name) for s in shares])
                                  for name in ("tokens", "targets", "position_ids", "loss_mask",
-                                              "rollout_logprobs", "advantages", "sample_ids")})
+                                              "rollout_logprobs", "advantages", "sample_ids", "lengths")})
+        lengths = self._mini_batch_lengths(batch)
         needs_old = get_loss_method(self.loss.method).needs_old_logprobs
         old, entropy, ref = None, None, None
         if needs_old or self.config.compute_old_logprobs:
-            old, entropy = self.score(self.chunks, shares, batch.seq_length)
+            old, entropy = self._score(self.chunks, shares, lengths)
             _attach(local, shares, "old_logprobs", old)  # on the last stage, where the loss reads it
         if self.loss.kl_coef > 0:
             with self.reference.resident() as reference:
-                ref, _ = self.score(reference, shares, batch.seq_length)
+                ref, _ = self._score(reference, shares, lengths)
             _attach(local, shares, "ref_logprobs", ref)
 
         loss_cfg, temperature = self.loss, self.config.temperature
         count_tokens = loss_cfg.agg == "token_mean"
 
         def loss_function(output, micro):
-            logprobs = token_logprobs(output, micro["targets"], temperature)
+            logprobs = _per_sample(token_logprobs(output, _targets(micro), temperature), micro)
             loss_sum, _ = policy_loss(logprobs, micro["rollout_logprobs"], micro["advantages"], micro["loss_mask"],
                                       loss_cfg, old_logprobs=micro.get("old_logprobs"),
                                       ref_logprobs=micro.get("ref_logprobs"), global_denominator=1.0)
@@ -198,8 +249,9 @@ class Actor:
         losses, grad_norms, applied, reasons, trained_logprobs = [], [], [], [], []
         for epoch in range(self.config.epochs):
             for m, share in enumerate(shares):
-                result = train_step(self.chunks, self.optimizer, self.scheduler, self._micro_batches(share),
-                                    loss_function, self.optimizer_steps, batch.seq_length)
+                micro_batches, seq_length = self._micro_batches(share, lengths[m])
+                result = train_step(self.chunks, self.optimizer, self.scheduler, micro_batches,
+                                    loss_function, self.optimizer_steps, seq_length)
                 self.optimizer_steps += 1
                 losses.append(result.loss)
                 grad_norms.append(result.grad_norm)
@@ -209,7 +261,7 @@ class Actor:
                     logger.warning("optimizer step %d (epoch %d, mini-batch %d) skipped: %s",
                                    self.optimizer_steps - 1, epoch, m, result.skip_reason)
                 if result.reports and epoch == 0:  # the metrics describe each sample's first visit
-                    trained_logprobs.append(torch.cat([r["logprobs"] for r in result.reports]))
+                    trained_logprobs.append(_rows(result.reports, micro_batches, "logprobs", share))
 
         metrics = self._batch_metrics(local, trained_logprobs, old, entropy, ref)
         return ActorReport(losses=losses, grad_norms=grad_norms, applied=applied, skip_reasons=reasons,
@@ -224,10 +276,11 @@ class Actor:
         metrics: dict = {}
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             dp_group = parallel_state.get_data_parallel_group()
-            fields = {"logprobs": torch.cat(trained_logprobs), "rollout": local.rollout_logprobs,
-                      "advantages": local.advantages, "mask": local.loss_mask, "old": old, "entropy": entropy,
-                      "ref": ref}
-            gathered = {name: _gather_rows(t, dp_group) for name, t in fields.items() if t is not None}
+            logprobs = torch.cat(trained_logprobs)
+            fields = {"logprobs": logprobs, "rollout": local.rollout_logprobs, "advantages": local.advantages,
+                      "mask": local.loss_mask, "old": old, "entropy": entropy, "ref": ref}
+            gathered = {name: _gather_rows(t.to(logprobs.device), dp_group)  # NCCL gathers device tensors
+                        for name, t in fields.items() if t is not None}
             logprobs, rollout, mask = gathered["logprobs"], gathered["rollout"], gathered["mask"]
             _, metrics = policy_loss(logprobs, rollout, gathered["advantages"], mask, self.loss,
                                      old_logprobs=gathered.get("old"), ref_logprobs=gathered.get("ref"))
@@ -243,6 +296,33 @@ class Actor:
                                        group=parallel_state.get_pipeline_model_parallel_group())
             metrics = box[0]
         return metrics
+
+
+def _targets(micro: dict) -> torch.Tensor:
+    return micro["packed_targets"] if packing.is_packed(micro) else micro["targets"]
+
+
+def _per_sample(values: torch.Tensor, micro: dict) -> torch.Tensor:
+    """Per-token ``values`` of the model's output (``[b, s]``) as ``[n, L]`` rows, one per sample."""
+    return values[0][micro["unpack_index"]] if packing.is_packed(micro) else values
+
+
+def _rows(reports: list, micro_batches: list, name: str, share: TrainingBatch) -> torch.Tensor:
+    """``[n, S]``: the micro-batches' per-sample ``name`` put back in ``share``'s order and width."""
+    first = reports[0][name]
+    out = torch.zeros(share.size, share.seq_length, dtype=first.dtype, device=first.device)
+    for report, micro in zip(reports, micro_batches):
+        values = report[name]
+        out[micro["rows"], : values.shape[1]] = values
+    return out
+
+
+def _on_device(micro: dict) -> dict:
+    """The micro-batch on this rank's GPU (where the model and NCCL are), as is on a CPU-only run."""
+    if not torch.cuda.is_available():
+        return micro
+    device = torch.device("cuda", torch.cuda.current_device())
+    return {name: value.to(device, non_blocking=True) for name, value in micro.items()}
 
 
 def _attach(local: TrainingBatch, shares: list[TrainingBatch], name: str, values) -> None:

@@ -3,7 +3,9 @@
 Position ``t`` of a sequence predicts token ``t + 1``. A response token at absolute index ``P + j`` (``P``
 prompt tokens) is therefore scored at position ``P + j - 1``: that is where its rollout logprob, its loss
 mask and (after the forward) its trainer logprob live. Every rank builds the same batch from the same
-samples; splitting into mini-/micro-batches and data-parallel shares happens in :mod:`trainer.actor`.
+samples; splitting into mini-/micro-batches and data-parallel shares happens in :mod:`trainer.actor`, and
+this module makes the micro-batches: rows of the padded batch, or samples packed by a token budget
+(:func:`plan_micro_batches`, :func:`packed_micro_batch`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class TrainingBatch:
     rollout_logprobs: torch.Tensor  # [N, S] float32, the engine's logprob of the target (0 elsewhere)
     advantages: torch.Tensor  # [N] float32
     sample_ids: torch.Tensor  # [N] int64, global ids keying the ALP noise
+    lengths: torch.Tensor  # [N] int64, prompt + response tokens (the rest of the row is padding)
     old_logprobs: Optional[torch.Tensor] = None  # [N, S], the trainer's unperturbed logprobs, once computed
     ref_logprobs: Optional[torch.Tensor] = None  # [N, S], the KL reference model's logprobs, once computed
 
@@ -115,4 +118,98 @@ def build_training_batch(
         rollout_logprobs=aligned_logprobs,
         advantages=torch.as_tensor(list(advantages), dtype=torch.float32),
         sample_ids=torch.as_tensor(list(sample_ids), dtype=torch.long),
+        lengths=torch.as_tensor(lengths, dtype=torch.long),
     )
+
+
+# -- packed micro-batches ------------------------------------------------------------------------------------
+
+LOSS_FIELDS = ("loss_mask", "rollout_logprobs", "old_logprobs", "ref_logprobs")
+"""``[n, S]`` fields a packed micro-batch keeps per sample (cut to its longest sample) for the loss."""
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int, count: int = 1,
+                       sample_ids: Optional[Sequence[int]] = None) -> list[list[int]]:
+    """Which samples (indices into ``lengths``) each packed micro-batch holds, at most ``max_tokens`` tokens
+    per micro-batch and at least ``count`` micro-batches.
+
+    First-fit decreasing (longest sample first, ties by index), so the same lengths give the same plan on
+    every rank; then, while fewer than ``count``, the micro-batch with the most tokens is split in two
+    (ranks that must run the same number of forwards, as expert parallelism's all-to-alls need, pass the
+    largest count any of them plans). Each micro-batch lists its samples in index order, and micro-batches
+    are ordered by their first sample. Raises naming the sample when one alone exceeds ``max_tokens``.
+    """
+    for i, length in enumerate(lengths):
+        if length > max_tokens:
+            name = f"sample {i}" + ("" if sample_ids is None else f" (id {sample_ids[i]})")
+            raise AlpError(f"{name} has {length} tokens, more than actor.max_tokens_per_microbatch "
+                           f"({max_tokens}); raise actor.max_tokens_per_microbatch to at least {length}, or lower "
+                           "rollout.max_new_tokens / data.max_prompt_tokens (nothing is truncated)")
+    if count > len(lengths):
+        raise ValueError(f"plan_micro_batches: {count} micro-batches asked of {len(lengths)} samples")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    while len(bins) < count:
+        largest = max((b for b in range(len(bins)) if len(bins[b]) > 1),
+                      key=lambda b: (sum(lengths[i] for i in bins[b]), -min(bins[b])))
+        members = sorted(bins.pop(largest), key=lambda i: (-lengths[i], i))
+        halves: list[list[int]] = [[], []]
+        for i in members:  # alternate the longest into the lighter half
+            min(halves, key=lambda h: (sum(lengths[j] for j in h), len(h))).append(i)
+        bins += halves
+    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
+
+
+def micro_batch_counts(lengths: Sequence[int], max_tokens: int, ranks: int) -> list[int]:
+    """How many micro-batches :func:`plan_micro_batches` makes for each of ``ranks`` equal contiguous shares."""
+    per_rank = len(lengths) // ranks
+    return [len(plan_micro_batches(lengths[r * per_rank : (r + 1) * per_rank], max_tokens)) for r in range(ranks)]
+
+
+def packed_micro_batch(batch: TrainingBatch, indices: Sequence[int], pad_to_multiple: int = 1,
+                       total: Optional[int] = None) -> dict:
+    """The samples ``indices`` of ``batch`` as one packed micro-batch.
+
+    Inputs ``tokens``, ``position_ids`` (restarting at 0 per sample) and ``packed_targets``: ``[1, T]``, the
+    samples concatenated without padding, then padded to ``total`` rows (or to their sum rounded up to
+    ``pad_to_multiple``: sequence parallelism splits ``T``). ``lengths`` and ``sample_ids`` ``[n]`` describe
+    the packing (attention stays inside each sample; the ALP noise is keyed per token). What the loss reads
+    stays per sample, cut to the longest of them (``L``): ``loss_mask``, ``rollout_logprobs`` (and
+    ``old_logprobs`` / ``ref_logprobs`` once computed) ``[n, L]``, ``advantages`` ``[n]``, and
+    ``unpack_index`` ``[n, L]``, where sample ``i``'s position ``j`` sits in the packed row (positions past a
+    sample's end point at its last token; the loss mask is 0 there). ``rows``: ``indices``.
+    """
+    rows = torch.as_tensor(list(indices), dtype=torch.long)
+    lengths = batch.lengths[rows]
+    used = int(lengths.sum())
+    size = total if total is not None else -(-used // pad_to_multiple) * pad_to_multiple
+    if size < used:
+        raise ValueError(f"packed_micro_batch: {used} tokens do not fit in {size} rows")
+    longest = int(lengths.max())
+    starts = torch.cumsum(lengths, 0) - lengths
+    tokens = torch.zeros((1, size), dtype=torch.long)
+    targets = torch.zeros((1, size), dtype=torch.long)
+    positions = torch.zeros((1, size), dtype=torch.long)
+    for row, start, length in zip(rows.tolist(), starts.tolist(), lengths.tolist()):
+        tokens[0, start : start + length] = batch.tokens[row, :length]
+        targets[0, start : start + length] = batch.targets[row, :length]
+        positions[0, start : start + length] = torch.arange(length)
+    column = torch.arange(longest)
+    unpack_index = starts[:, None] + torch.minimum(column[None, :], lengths[:, None] - 1)
+    micro = {"tokens": tokens, "position_ids": positions, "packed_targets": targets, "lengths": lengths,
+             "sample_ids": batch.sample_ids[rows], "advantages": batch.advantages[rows], "unpack_index": unpack_index,
+             "rows": rows}
+    for name in LOSS_FIELDS:
+        value = getattr(batch, name)
+        if value is not None:
+            micro[name] = value[rows, :longest]
+    return micro

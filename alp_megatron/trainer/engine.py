@@ -16,6 +16,7 @@ import torch
 
 from alp_megatron.alp.perturbation import PerturbationConfig, perturbation_modules, set_microbatch
 from alp_megatron.errors import ConfigError
+from alp_megatron.model import packing
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,9 @@ def train_step(
     """One optimizer step over this data-parallel rank's ``micro_batches`` (gradient accumulation).
 
     Each micro-batch dict holds ``tokens`` and ``position_ids`` ``[b, s]`` and ``sample_ids`` ``[b]`` (global
-    ids keying the ALP noise), plus whatever ``loss_function`` reads. The step is skipped, not applied,
-    when the loss or gradient norm is not finite.
+    ids keying the ALP noise), or a packed row (``[1, T]``, with ``lengths``; see
+    :func:`alp_megatron.trainer.batch.packed_micro_batch`), plus whatever ``loss_function`` reads. The step is
+    skipped, not applied, when the loss or gradient norm is not finite.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -158,8 +160,8 @@ def train_step(
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        set_microbatch(model, step, batch["sample_ids"])
-        output = model(batch["tokens"], batch["position_ids"], None)
+        set_microbatch(model, step, batch["sample_ids"], batch["lengths"] if packing.is_packed(batch) else None)
+        output = packing.forward(model, batch)
         return output, lambda logits: loss_function(logits, batch)
 
     vp_size = len(ddp_chunks)

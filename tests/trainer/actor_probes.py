@@ -54,10 +54,11 @@ def mismatch_k3_by_hand(model, batch) -> float:
 
 
 def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_second: bool = False,
-              epochs: int = 1, alp: PerturbationConfig = ALP, sigma: Optional[float] = None) -> dict:
+              epochs: int = 1, alp: PerturbationConfig = ALP, sigma: Optional[float] = None,
+              max_tokens: Optional[int] = None, architecture: str = "LlamaForCausalLM") -> dict:
     """``alp``: the perturbation (``enabled=False`` for the baselines); ``sigma``: every layer's sigma at the
-    start, instead of the reference weights' own."""
-    layout = Layout("actor", parallel=parallel, alp=alp)
+    start, instead of the reference weights' own; ``max_tokens``: packed micro-batches of that budget."""
+    layout = Layout("actor", architecture, parallel=parallel, alp=alp)
     chunks = build(layout)
     load_reference(chunks, reference_dir)
     if sigma is not None:
@@ -67,7 +68,8 @@ def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_
     ddp_chunks = wrap_ddp(chunks, settings)
     optimizer, scheduler = build_optimizer(ddp_chunks, settings, alp)
     actor = Actor(ddp_chunks, optimizer, scheduler, LossConfig.for_method(method),
-                  ActorConfig(num_mini_batches=2, epochs=epochs, micro_batch_size=2))
+                  ActorConfig(num_mini_batches=2, epochs=epochs, micro_batch_size=2,
+                              max_tokens_per_microbatch=max_tokens))
     vocab = arch_for(layout).vocab_size
     reports, sums, k3_by_hand = [], [], []
     for seed in (1, 2, 3):

@@ -21,14 +21,13 @@ def reference_against_actor(layout: tuple, hf_dir: str) -> dict:
     policy = Policy.build(config, hf_dir)
     actor = policy.actor
     batch = rollout_batch(1, policy.arch.vocab_size)
-    shares = actor._rank_share(batch)
-    old, _ = actor.score(actor.chunks, shares, batch.seq_length)
+    old, _ = actor.score(actor.chunks, batch)
     with actor.reference.resident() as reference:
-        ref, _ = actor.score(reference, shares, batch.seq_length)
+        ref, _ = actor.score(reference, batch)
     report = actor.train(batch)
-    after, _ = actor.score(actor.chunks, shares, batch.seq_length)
+    after, _ = actor.score(actor.chunks, batch)
     with actor.reference.resident() as reference:
-        ref_after, _ = actor.score(reference, shares, batch.seq_length)
+        ref_after, _ = actor.score(reference, batch)
     last_stage = old is not None
     return dict(
         last_stage=last_stage,
