@@ -51,7 +51,7 @@ constant c = 10 is shared by all methods.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -84,13 +84,14 @@ class RatioTerms:
     log_ratio: ``[batch, seq]``, differentiable w.r.t. logprobs, 0 outside the mask, not yet clamped.
     seq_log_ratio: ``[batch]``, detached, the sequence-level log-ratio reported in the metrics.
     weight: ``[batch, seq]`` detached weight on the per-token loss, or None.
-    metrics: method-specific floats.
+    metrics: method-specific floats, computed when called (each float is a device sync on a GPU, so the
+        training pass, which reports nothing per micro-batch, never calls it).
     """
 
     log_ratio: torch.Tensor
     seq_log_ratio: torch.Tensor
     weight: Optional[torch.Tensor] = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: Callable[[], dict[str, float]] = dict
 
 
 @dataclass(frozen=True)
@@ -332,11 +333,13 @@ def _truncated(x: LossInputs, cfg: LossConfig, per_sequence: bool) -> RatioTerms
     cap = cfg.truncation_cap()
     weight = w.clamp(max=cap)
     counted = x.mask.any(dim=-1) if per_sequence else x.mask  # sequences with tokens, or tokens
-    metrics = {"tis_weight_mean": float(stats.masked_mean(weight, counted)),
-               "tis_clip_frac": stats.masked_fraction(w > cap, counted)}
-    if per_sequence:
-        weight = _per_token(weight, x.logprobs)
-    return RatioTerms(terms.log_ratio, terms.seq_log_ratio, weight, metrics)
+
+    def metrics():
+        return {"tis_weight_mean": float(stats.masked_mean(weight, counted)),
+                "tis_clip_frac": stats.masked_fraction(w > cap, counted)}
+
+    per_token = _per_token(weight, x.logprobs) if per_sequence else weight
+    return RatioTerms(terms.log_ratio, terms.seq_log_ratio, per_token, metrics)
 
 
 def _masked_importance(x: LossInputs, cfg: LossConfig, per_sequence: bool, low: float, high: float,
@@ -346,11 +349,13 @@ def _masked_importance(x: LossInputs, cfg: LossConfig, per_sequence: bool, low: 
     keep = (w >= low) & (w <= high)  # a weight exactly at a bound is kept
     weight = torch.where(keep, torch.ones_like(w) if indicator else w, torch.zeros_like(w))
     counted = x.mask.any(dim=-1) if per_sequence else x.mask
-    metrics = {f"{name}_masked_frac": stats.masked_fraction(~keep, counted),
-               f"{name}_weight_mean": float(stats.masked_mean(weight, counted))}
-    if per_sequence:
-        weight = _per_token(weight, x.logprobs)
-    return RatioTerms(terms.log_ratio, terms.seq_log_ratio, weight, metrics)
+
+    def metrics():
+        return {f"{name}_masked_frac": stats.masked_fraction(~keep, counted),
+                f"{name}_weight_mean": float(stats.masked_mean(weight, counted))}
+
+    per_token = _per_token(weight, x.logprobs) if per_sequence else weight
+    return RatioTerms(terms.log_ratio, terms.seq_log_ratio, per_token, metrics)
 
 
 @register_loss("tis", eps_low=0.2, eps_high=0.28, needs_old_logprobs=True, unperturbed=True, tis_cap=2.0)
@@ -453,8 +458,10 @@ def policy_loss(
     *,
     ref_logprobs: Optional[torch.Tensor] = None,
     global_denominator: Optional[float] = None,
+    with_metrics: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The policy loss of ``cfg.method`` and its metrics.
+    """The policy loss of ``cfg.method`` and its metrics (``with_metrics=False``: an empty dict, and no device
+    sync; the training pass reports the whole batch's metrics once, from its logprobs).
 
     Args:
         logprobs: ``[batch, seq]`` log pi_theta of the sampled tokens (perturbed for ALP); carries the gradient.
@@ -516,6 +523,8 @@ def policy_loss(
         if cfg.kl_coef > 0:  # kl_coef = 0 leaves the loss exactly as without a reference
             loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.agg, global_denominator)
 
+    if not with_metrics:
+        return loss, {}
     with torch.no_grad():
         clip_active = loss_clipped > loss_unclipped
         metrics = {
@@ -531,5 +540,5 @@ def policy_loss(
             metrics.update(stats.mismatch_kl(inputs.old_logprobs, inputs.rollout_logprobs, mask))
         if kl is not None:
             metrics["kl_ref_mean"] = float(stats.masked_mean(kl.detach(), mask))
-        metrics.update(terms.metrics)
+        metrics.update(terms.metrics())
     return loss, metrics

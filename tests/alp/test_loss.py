@@ -282,6 +282,24 @@ def test_an_empty_micro_batch_gives_zero_loss(method):
     assert metrics["loss"] == 0.0
 
 
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_the_training_pass_gets_the_same_loss_and_gradient_without_metrics(method):
+    gen = torch.Generator().manual_seed(5)
+    logp = -torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    mu = logp + 0.2 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    old = logp + 0.1 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    adv, mask = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.rand(3, 4, generator=gen) > 0.2
+    results = []
+    for with_metrics in (True, False):
+        lp = logp.clone().requires_grad_(True)
+        loss, metrics = policy_loss(lp, mu, adv, mask, LossConfig(method=method, kl_coef=0.01), old_logprobs=old,
+                                    ref_logprobs=old, with_metrics=with_metrics)
+        loss.backward()
+        results.append((loss.detach(), lp.grad, metrics))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][2]["loss"] == float(results[0][0]) and results[1][2] == {}
+
+
 # ------------------------------------------------------------------------------------------- KL to the reference
 
 
