@@ -260,12 +260,18 @@ class RunConfig:
                               "function that needs no label")
         budget, longest = self.actor.max_tokens_per_microbatch, (self.data.max_prompt_tokens
                                                                   + self.rollout.sampling.max_new_tokens)
-        if budget is not None and budget < longest:
+        if isinstance(budget, int) and budget < longest:
             raise ConfigError("actor.max_tokens_per_microbatch",
                               f"{budget} tokens cannot hold the longest sample, data.max_prompt_tokens "
                               f"({self.data.max_prompt_tokens}) + rollout.sampling.max_new_tokens "
                               f"({self.rollout.sampling.max_new_tokens}) = {longest}",
                               f"set it to at least {longest} (a packed micro-batch never truncates a sample)")
+        if budget is not None and self.parallel.context_parallel > 1:
+            raise ConfigError("actor.max_tokens_per_microbatch",
+                              f"packed micro-batches ({budget!r}) are not built for context parallelism "
+                              f"(parallel.context_parallel={self.parallel.context_parallel}) yet",
+                              "set actor.max_tokens_per_microbatch=null (padded micro-batches) with context "
+                              "parallelism")
         if self.actor.temperature != self.rollout.sampling.temperature:
             raise ConfigError("actor.temperature",
                               f"{self.actor.temperature} differs from rollout.sampling.temperature "

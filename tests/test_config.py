@@ -59,6 +59,12 @@ def test_a_token_budget_that_cannot_hold_the_longest_sample_names_both_numbers()
     assert "512" in str(error.value) and "1024" in str(error.value) and "at least 1536" in error.value.fix
     with pytest.raises(ConfigError, match="actor.max_tokens_per_microbatch"):
         load_run_config(None, ("actor.max_tokens_per_microbatch=0",))
+    with pytest.raises(ConfigError, match="actor.max_tokens_per_microbatch"):
+        load_run_config(None, ("actor.max_tokens_per_microbatch=big",))
+    with pytest.raises(ConfigError, match="context parallelism"):
+        load_run_config(None, ("parallel.context_parallel=2",))
+    assert load_run_config(None, ("parallel.context_parallel=2", "actor.max_tokens_per_microbatch=null"))
+    assert load_run_config(None, ()).actor.max_tokens_per_microbatch == "auto"  # packed by default
     config = load_run_config(None, ("actor.max_tokens_per_microbatch=1536", "data.max_prompt_tokens=512",
                                     "rollout.sampling.max_new_tokens=1024"))
     assert config.actor.max_tokens_per_microbatch == 1536

@@ -10,17 +10,19 @@ For a rollout batch of ``N`` samples the actor
 3. per mini-batch (``epochs`` passes over them): the perturbed forward, :func:`policy_loss` normalised over the whole mini-batch (token
    mean or sequence mean, across micro-batches and data-parallel ranks), backward, gradient clipping and one
    optimizer step, skipped and reported when the loss or gradient norm is not finite;
-4. reports the loss metrics over the whole batch (ratio quantiles, clip fractions, mismatch), computed on the
-   last pipeline stage from every sample's training logprobs and shared with the first stage.
+4. reports the loss metrics over the whole batch (ratio quantiles, clip fractions, mismatch), computed once, on
+   the last pipeline stage, from every sample's training logprobs of that pass (each micro-batch's loss is
+   computed without metrics: no device sync per micro-batch), and shared with the first stage.
 
-All ranks call :meth:`Actor.train` with the same :class:`TrainingBatch`.
+All ranks call :meth:`Actor.train` with the same :class:`TrainingBatch`, or :meth:`Actor.train_local` with
+their own shares of it (:func:`alp_megatron.trainer.distribute.distribute`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,9 @@ from alp_megatron.alp.stats import train_inference_ratio
 from alp_megatron.errors import ConfigError
 from alp_megatron.model import packing
 from alp_megatron.model.logprobs import token_entropy, token_logprobs
-from alp_megatron.trainer.batch import TrainingBatch, micro_batch_counts, packed_micro_batch, plan_micro_batches
+from alp_megatron.trainer.batch import (TrainingBatch, micro_batch_counts, mini_batch_lengths, packed_micro_batch,
+                                       plan_micro_batches, share_indices)
+from alp_megatron.trainer.distribute import LocalBatch
 from alp_megatron.trainer.engine import train_step
 
 logger = logging.getLogger(__name__)
@@ -45,8 +49,10 @@ class ActorConfig:
     ``compute_old_logprobs``: the unperturbed pass of step 1 (forced on for methods that need pi_old).
     ``reference_offload``: on a GPU, keep the KL reference model in host memory between its passes.
     ``max_tokens_per_microbatch``: pack each rank's samples into micro-batches of at most this many tokens
-    (no padding between samples; see :mod:`alp_megatron.model.packing`); None: ``micro_batch_size``
-    padded sequences per micro-batch."""
+    (no padding between samples; see :mod:`alp_megatron.model.packing`), data-parallel shares balanced by
+    tokens; "auto" (the default): ``micro_batch_size`` times the mini-batch's longest sample (at most the
+    tokens of a padded micro-batch); None: ``micro_batch_size`` padded sequences per micro-batch, in
+    contiguous data-parallel shares."""
 
     num_mini_batches: int = 1
     epochs: int = 1
@@ -54,13 +60,15 @@ class ActorConfig:
     temperature: float = 1.0
     compute_old_logprobs: bool = True
     reference_offload: bool = False
-    max_tokens_per_microbatch: Optional[int] = None
+    max_tokens_per_microbatch: Union[int, str, None] = "auto"
 
     def __post_init__(self):
-        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
-            raise ConfigError("actor.max_tokens_per_microbatch", f"must be >= 1, got {self.max_tokens_per_microbatch}",
-                              "use e.g. the longest prompt plus rollout.max_new_tokens, or null for padded "
-                              "micro-batches of actor.micro_batch_size sequences")
+        budget = self.max_tokens_per_microbatch
+        if not (budget is None or budget == "auto" or (isinstance(budget, int) and budget >= 1)):
+            raise ConfigError("actor.max_tokens_per_microbatch", f"must be a number >= 1, auto or null, got {budget!r}",
+                              "use e.g. the longest prompt plus rollout.max_new_tokens, auto (micro_batch_size "
+                              "times the longest sample), or null for padded micro-batches of "
+                              "actor.micro_batch_size sequences")
         if self.epochs < 1:
             raise ConfigError("actor.epochs", f"must be >= 1, got {self.epochs}",
                               "use 1, or more passes over the mini-batches of a rollout batch")
@@ -108,23 +116,20 @@ class Actor:
     # -- data split --------------------------------------------------------------------------------------
 
     def _rank_share(self, batch: TrainingBatch) -> list[TrainingBatch]:
-        """This data-parallel rank's part of each mini-batch."""
+        """This data-parallel rank's part of each mini-batch (see :func:`share_indices`)."""
         from megatron.core import parallel_state
 
-        dp_size = parallel_state.get_data_parallel_world_size()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        k, mbs = self.config.num_mini_batches, self.config.micro_batch_size
-        if batch.size % (k * dp_size * mbs):
-            raise ConfigError(
-                "actor.num_mini_batches",
-                f"a rollout batch of {batch.size} samples does not split into {k} mini-batches x {dp_size} "
-                f"data-parallel ranks x micro-batches of {mbs}",
-                f"make prompts x samples_per_prompt a multiple of {k * dp_size * mbs}",
-            )
-        per_mini = batch.size // k
-        per_rank = per_mini // dp_size
-        return [batch.select(slice(m * per_mini + dp_rank * per_rank, m * per_mini + (dp_rank + 1) * per_rank))
-                for m in range(k)]
+        indices = share_indices(batch.lengths.tolist(), self.config, parallel_state.get_data_parallel_world_size(),
+                                parallel_state.get_data_parallel_rank())
+        return [batch.select(torch.tensor(rows)) for rows in indices]
+
+    @property
+    def packed(self) -> bool:
+        return self.config.max_tokens_per_microbatch is not None
+
+    def _budget(self, mini_batch_lengths: list[int]) -> int:
+        budget = self.config.max_tokens_per_microbatch
+        return self.config.micro_batch_size * max(mini_batch_lengths) if budget == "auto" else budget
 
     def _micro_batches(self, share: TrainingBatch, mini_batch_lengths: list[int]) -> tuple[list[dict], int]:
         """This rank's micro-batches of ``share`` and the sequence length the pipeline schedule is told.
@@ -136,14 +141,14 @@ class Actor:
         """
         from megatron.core import parallel_state
 
-        budget = self.config.max_tokens_per_microbatch
-        if budget is None:
+        if not self.packed:
             mbs = self.config.micro_batch_size
             micro = [share.select(slice(i, i + mbs)).as_micro_batch() for i in range(0, share.size, mbs)]
             for i, m in enumerate(micro):
                 m["rows"] = torch.arange(i * mbs, i * mbs + m["tokens"].shape[0])
             return [_on_device(m) for m in micro], share.seq_length
         dp_size = parallel_state.get_data_parallel_world_size()
+        budget = self._budget(mini_batch_lengths)
         count = max(micro_batch_counts(mini_batch_lengths, budget, dp_size))
         plan = plan_micro_batches(share.lengths.tolist(), budget, count, share.sample_ids.tolist())
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -164,8 +169,7 @@ class Actor:
         return self._score(chunks, self._rank_share(batch), self._mini_batch_lengths(batch))
 
     def _mini_batch_lengths(self, batch: TrainingBatch) -> list[list[int]]:
-        per_mini = batch.size // self.config.num_mini_batches
-        return [batch.lengths[m * per_mini : (m + 1) * per_mini].tolist() for m in range(self.config.num_mini_batches)]
+        return mini_batch_lengths(batch.lengths.tolist(), self.config.num_mini_batches)
 
     @torch.no_grad()
     def _score(self, chunks: list, shares: list[TrainingBatch], lengths: list[list[int]]) -> tuple:
@@ -219,11 +223,15 @@ class Actor:
 
     def train(self, batch: TrainingBatch) -> ActorReport:
         """K optimizer steps on ``batch`` (identical on every rank). Returns what happened, on every rank."""
-        shares = self._rank_share(batch)
+        return self.train_local(LocalBatch(self._rank_share(batch), self._mini_batch_lengths(batch)))
+
+    def train_local(self, local_batch: "LocalBatch") -> ActorReport:
+        """K optimizer steps on this rank's shares (from :func:`alp_megatron.trainer.distribute.distribute`, or
+        :meth:`train`). Every rank calls it for the same rollout batch. Returns what happened, on every rank."""
+        shares, lengths = local_batch.shares, local_batch.mini_batch_lengths
         local = TrainingBatch(**{name: torch.cat([getattr(s, name) for s in shares])
                                  for name in ("tokens", "targets", "position_ids", "loss_mask",
                                               "rollout_logprobs", "advantages", "sample_ids", "lengths")})
-        lengths = self._mini_batch_lengths(batch)
         needs_old = get_loss_method(self.loss.method).needs_old_logprobs
         old, entropy, ref = None, None, None
         if needs_old or self.config.compute_old_logprobs:
@@ -241,15 +249,21 @@ class Actor:
             logprobs = _per_sample(token_logprobs(output, _targets(micro), temperature), micro)
             loss_sum, _ = policy_loss(logprobs, micro["rollout_logprobs"], micro["advantages"], micro["loss_mask"],
                                       loss_cfg, old_logprobs=micro.get("old_logprobs"),
-                                      ref_logprobs=micro.get("ref_logprobs"), global_denominator=1.0)
+                                      ref_logprobs=micro.get("ref_logprobs"), global_denominator=1.0,
+                                      with_metrics=False)
             mask = micro["loss_mask"].bool()
             units = (mask.sum() if count_tokens else mask.any(dim=-1).sum()).to(torch.int)
             return loss_sum, units, {"loss_sum": loss_sum.detach(), "num_units": units, "logprobs": logprobs.detach()}
 
         losses, grad_norms, applied, reasons, trained_logprobs = [], [], [], [], []
+        tokens = torch.zeros(3, dtype=torch.float64)  # rows run, real tokens among them, micro-batches
         for epoch in range(self.config.epochs):
             for m, share in enumerate(shares):
                 micro_batches, seq_length = self._micro_batches(share, lengths[m])
+                if epoch == 0:
+                    tokens += torch.tensor([sum(mb["tokens"].numel() for mb in micro_batches),
+                                            sum(int(mb["lengths"].sum()) for mb in micro_batches),
+                                            len(micro_batches)], dtype=torch.float64)
                 result = train_step(self.chunks, self.optimizer, self.scheduler, micro_batches,
                                     loss_function, self.optimizer_steps, seq_length)
                 self.optimizer_steps += 1
@@ -264,6 +278,7 @@ class Actor:
                     trained_logprobs.append(_rows(result.reports, micro_batches, "logprobs", share))
 
         metrics = self._batch_metrics(local, trained_logprobs, old, entropy, ref)
+        metrics.update(_padding_metrics(tokens, len(shares)))
         return ActorReport(losses=losses, grad_norms=grad_norms, applied=applied, skip_reasons=reasons,
                            metrics=metrics)
 
@@ -296,6 +311,20 @@ class Actor:
                                        group=parallel_state.get_pipeline_model_parallel_group())
             metrics = box[0]
         return metrics
+
+
+def _padding_metrics(tokens: torch.Tensor, mini_batches: int) -> dict:
+    """``padded_share``: the share of the rows the training pass ran that were padding, over the data-parallel
+    ranks; ``micro_batches``: per rank and optimizer step."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    if torch.cuda.is_available():  # NCCL reduces device tensors
+        tokens = tokens.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(tokens, group=group)
+    run, real, count = tokens.tolist()
+    return {"padded_share": 1.0 - real / run if run else 0.0,
+            "micro_batches": count / (dist.get_world_size(group) * mini_batches)}
 
 
 def _targets(micro: dict) -> torch.Tensor:
@@ -337,10 +366,16 @@ def _attach(local: TrainingBatch, shares: list[TrainingBatch], name: str, values
 
 
 def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate ``tensor`` (same shape on every rank) along dim 0 across ``group``, in rank order."""
+    """Concatenate ``tensor`` (``[n]`` or ``[n, S]``, the same ``n`` on every rank, ``S`` the rank's own: each
+    share is padded to its longest sample) along dim 0 across ``group``, in rank order, zero-padded to the
+    widest ``S``."""
     world = dist.get_world_size(group)
     if world == 1:
         return tensor
+    if tensor.dim() == 2:
+        width = torch.tensor([tensor.shape[1]], device=tensor.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
+        tensor = torch.nn.functional.pad(tensor, (0, int(width) - tensor.shape[1]))
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts)

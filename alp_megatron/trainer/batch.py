@@ -43,8 +43,8 @@ class TrainingBatch:
     def seq_length(self) -> int:
         return self.tokens.shape[1]
 
-    def select(self, index: slice) -> "TrainingBatch":
-        """The sequences ``index`` (a slice) of every field."""
+    def select(self, index) -> "TrainingBatch":
+        """The sequences ``index`` (a slice or an index tensor) of every field."""
         return TrainingBatch(**{
             f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)
         })
@@ -169,10 +169,66 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, count: int = 1,
     return sorted((sorted(b) for b in bins), key=lambda b: b[0])
 
 
+def balanced_shares(lengths: Sequence[int], ranks: int) -> list[list[int]]:
+    """Split the samples ``lengths`` (a mini-batch) into ``ranks`` shares of equal size balanced by tokens.
+
+    Longest first, each sample goes to the share with the fewest tokens among those with room (ties: the
+    lowest rank), so the same lengths give the same shares on every rank; the shares' token counts differ
+    by at most the longest sample. Each share lists its samples in index order. Equal sizes keep every
+    rank's per-sample tensors the same shape (the metrics gather them) and let every rank split its share
+    into as many micro-batches as any other rank needs.
+    """
+    if len(lengths) % ranks:
+        raise ValueError(f"balanced_shares: {len(lengths)} samples do not split into {ranks} equal shares")
+    size = len(lengths) // ranks
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    tokens = [0] * ranks
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min((r for r in range(ranks) if len(shares[r]) < size), key=lambda r: (tokens[r], r))
+        shares[rank].append(i)
+        tokens[rank] += lengths[i]
+    return [sorted(share) for share in shares]
+
+
+def share_indices(lengths: Sequence[int], config, dp_size: int, dp_rank: int) -> list[list[int]]:
+    """Which samples of a rollout batch (indices into ``lengths``) data-parallel rank ``dp_rank`` trains on,
+    one list per mini-batch: ``config.num_mini_batches`` contiguous mini-batches, each split into
+    ``dp_size`` shares, contiguous for padded micro-batches, :func:`balanced_shares` for packed ones
+    (``config``: the actor's settings). The same lengths give the same answer on every rank."""
+    from alp_megatron.errors import ConfigError
+
+    k, packed = config.num_mini_batches, config.max_tokens_per_microbatch is not None
+    mbs = 1 if packed else config.micro_batch_size
+    if len(lengths) % (k * dp_size * mbs):
+        micro = "" if packed else f" x micro-batches of {mbs}"
+        raise ConfigError(
+            "actor.num_mini_batches",
+            f"a rollout batch of {len(lengths)} samples does not split into {k} mini-batches x {dp_size} "
+            f"data-parallel ranks{micro}",
+            f"make prompts x samples_per_prompt a multiple of {k * dp_size * mbs}",
+        )
+    per_mini = len(lengths) // k
+    per_rank = per_mini // dp_size
+    shares = []
+    for m in range(k):
+        start = m * per_mini
+        if packed:
+            mine = balanced_shares(lengths[start : start + per_mini], dp_size)[dp_rank]
+            shares.append([start + i for i in mine])
+        else:
+            shares.append(list(range(start + dp_rank * per_rank, start + (dp_rank + 1) * per_rank)))
+    return shares
+
+
+def mini_batch_lengths(lengths: Sequence[int], num_mini_batches: int) -> list[list[int]]:
+    per_mini = len(lengths) // num_mini_batches
+    return [list(lengths[m * per_mini : (m + 1) * per_mini]) for m in range(num_mini_batches)]
+
+
 def micro_batch_counts(lengths: Sequence[int], max_tokens: int, ranks: int) -> list[int]:
-    """How many micro-batches :func:`plan_micro_batches` makes for each of ``ranks`` equal contiguous shares."""
-    per_rank = len(lengths) // ranks
-    return [len(plan_micro_batches(lengths[r * per_rank : (r + 1) * per_rank], max_tokens)) for r in range(ranks)]
+    """How many micro-batches :func:`plan_micro_batches` makes for each rank's :func:`balanced_shares`."""
+    return [len(plan_micro_batches([lengths[i] for i in share], max_tokens))
+            for share in balanced_shares(lengths, ranks)]
 
 
 def packed_micro_batch(batch: TrainingBatch, indices: Sequence[int], pad_to_multiple: int = 1,

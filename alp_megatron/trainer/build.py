@@ -200,7 +200,7 @@ def build_run(config, resume: bool) -> RunState:
         config=config, policy=policy, weight_sync=weight_sync, checkpoint_dir=checkpoint_dir,
         start_step=start_step, weight_version=weight_version,
         divisible_by=config.actor.num_mini_batches * parallel_state.get_data_parallel_world_size()
-        * config.actor.micro_batch_size,
+        * (1 if config.actor.max_tokens_per_microbatch is not None else config.actor.micro_batch_size),
         pad_to_multiple=config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1,
         tokenizer=tokenizer, engines=engines, schedule=schedule, reward_fn=reward_fn,
         metrics_logger=metrics_logger, last_saved_step=start_step - 1 if resumed else -1,

@@ -1,7 +1,8 @@
 """The RL loop: rollout -> reward -> advantages -> train -> weight update -> metrics -> checkpoint.
 
 Every rank runs :func:`run`. Global rank 0 also holds the rollout side (:class:`RolloutEngines`), the data,
-the rewards and the metrics sinks; the training batch reaches the other ranks by broadcast.
+the rewards and the metrics sinks; each data-parallel rank receives its share of the training batch
+(:func:`~alp_megatron.trainer.distribute.distribute`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import torch.distributed as dist
 
 from alp_megatron.trainer.checkpoint import RunProgress, save_checkpoint
+from alp_megatron.trainer.distribute import distribute
 from alp_megatron.trainer.metrics import write_rollouts
 from alp_megatron.trainer.samples import pack_training_batch, score_rollout
 from alp_megatron.trainer.build import RunState, build_run
@@ -27,11 +29,15 @@ def run(config, resume: bool = False) -> RunState:
     try:
         for step in range(state.start_step, config.run.steps):
             started = time.perf_counter()
-            batch, metrics = _broadcast(_next_batch(state, step) if rank0 else None)
+            batch, metrics = _next_batch(state, step) if rank0 else (None, None)
+            has_batch, metrics = _broadcast([batch is not None, metrics])
+            started_distribute = time.perf_counter()
+            local = distribute(batch, config.actor, pad_to_multiple=state.pad_to_multiple) if has_batch else None
+            metrics["time_distribute"] = time.perf_counter() - started_distribute
             train_start = time.perf_counter()
             if rank0:
                 state.schedule.before_train()
-            report = policy.actor.train(batch) if batch is not None else None
+            report = policy.actor.train_local(local) if local is not None else None
             if rank0:
                 state.schedule.after_train()
             metrics["time_train"] = time.perf_counter() - train_start

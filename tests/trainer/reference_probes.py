@@ -32,6 +32,7 @@ def reference_against_actor(layout: tuple, hf_dir: str) -> dict:
     return dict(
         last_stage=last_stage,
         equal=last_stage and torch.equal(old, ref),
+        close=last_stage and torch.allclose(old, ref, rtol=1e-6, atol=1e-6),
         old=old.tolist() if last_stage else None,
         reference_frozen=last_stage and torch.equal(ref, ref_after),
         actor_moved=last_stage and not torch.equal(old, after),

@@ -61,16 +61,18 @@ def test_actor_is_independent_of_layout(reference_dir, single_rank, name, parall
 @pytest.mark.parametrize("name,ranks,parallel,budget", [
     ("packed", 1, ParallelConfig(), 40),  # 2-3 samples of 10-16 tokens per micro-batch
     ("packed_one_per_micro_batch", 1, ParallelConfig(), 16),
+    ("packed_auto", 1, ParallelConfig(), "auto"),  # micro_batch_size (2) x the longest sample (16)
     ("packed_dp2", 2, ParallelConfig(), 40),
     ("packed_tp2_sp", 2, ParallelConfig(tensor_parallel=2, sequence_parallel=True), 40),
     ("packed_pp2", 2, ParallelConfig(pipeline_parallel=2), 40),
 ])
 def test_packed_micro_batches_train_as_padded_ones(reference_dir, single_rank, name, ranks, parallel, budget):
-    """Samples packed by a token budget (block-diagonal attention, positions and ALP noise per sample) give the
-    padded run's losses, gradient norms and metrics (fp32, rtol 1e-5)."""
+    """Samples packed by a token budget (block-diagonal attention, positions and ALP noise per sample; data-
+    parallel shares balanced by tokens) give the padded run's losses, gradient norms and metrics (fp32, rtol
+    1e-5)."""
     results = run_ranks(ranks, functools.partial(run_actor, max_tokens=budget), parallel, reference_dir, "alp_seq")
-    for result in results:
-        _assert_same_training(result, single_rank, name)
+    for result in results:  # the loss sums its O(1) terms in another grouping: a few 1e-7 absolute apart
+        _assert_same_training(result, single_rank, name, loss_abs=1e-6)
 
 
 MOE = "Qwen3MoeForCausalLM"

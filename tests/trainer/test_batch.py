@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from alp_megatron.errors import AlpError
-from alp_megatron.trainer.batch import build_training_batch, micro_batch_counts, packed_micro_batch, plan_micro_batches
+from alp_megatron.trainer.batch import (balanced_shares, build_training_batch, micro_batch_counts, packed_micro_batch,
+                                       plan_micro_batches)
 
 
 def _batch(lengths, prompt=2):
@@ -26,13 +27,26 @@ def test_the_plan_keeps_every_micro_batch_within_the_budget_and_is_deterministic
     assert all(micro == sorted(micro) for micro in plan) and [m[0] for m in plan] == sorted(m[0] for m in plan)
 
 
+def test_data_parallel_shares_are_equal_in_size_and_balanced_in_tokens():
+    lengths = [900, 40, 35, 700, 20, 650, 30, 25]  # long-tailed, the long ones first in a contiguous split
+    shares = balanced_shares(lengths, 2)
+    assert sorted(i for share in shares for i in share) == list(range(8)) and [len(s) for s in shares] == [4, 4]
+    tokens = [sum(lengths[i] for i in share) for share in shares]
+    assert abs(tokens[0] - tokens[1]) <= max(lengths)
+    assert abs(tokens[0] - tokens[1]) < abs(sum(lengths[:4]) - sum(lengths[4:]))  # better than contiguous
+    assert shares == balanced_shares(list(lengths), 2)
+    with pytest.raises(ValueError, match="equal shares"):
+        balanced_shares(lengths, 3)
+
+
 def test_the_plan_splits_to_the_count_every_rank_must_run():
-    lengths = [10, 10, 10, 10, 40, 40, 40, 40]
-    assert micro_batch_counts(lengths, 40, 2) == [1, 4]
-    plan = plan_micro_batches(lengths[:4], 40, count=4)
+    lengths = [10, 40, 10, 40, 10, 40, 10, 40]
+    assert micro_batch_counts(lengths, 40, 2) == [3, 3]  # each share 40, 40, 10, 10: [40] [40] [10 10]
+    lengths = [10, 10, 10, 10]
+    plan = plan_micro_batches(lengths, 40, count=4)
     assert sorted(len(micro) for micro in plan) == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="5 micro-batches"):
-        plan_micro_batches(lengths[:4], 40, count=5)
+        plan_micro_batches(lengths, 40, count=5)
 
 
 def test_a_sample_over_the_budget_is_an_error_naming_both_numbers_and_the_fix():
