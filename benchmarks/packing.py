@@ -1,0 +1,130 @@
+"""Padded against packed micro-batches on RL-shaped response lengths: same model, samples and steps, interleaved.
+
+    python benchmarks/packing.py [--samples 16 --prompt 32 --max-new-tokens 512 --steps 3]
+
+Response lengths are long-tailed like RL rollouts: lognormal with a median of a tenth of ``--max-new-tokens``,
+capped there. Each step trains the same rollout batch twice, alternating which goes first: once with padded
+micro-batches (``actor.micro_batch_size=1``: one sequence of the batch's longest length per micro-batch) and
+once packed (``actor.max_tokens_per_microbatch`` = the longest possible sample, so both hold at most the same
+tokens per micro-batch and so the same peak activation memory). Printed: median step time of each, useful
+(non-padding) tokens per second, the padded share of the tokens each processed, and the throughput ratio
+against the ideal one (the padded run's tokens over the useful tokens). On a GPU also the peak memory.
+
+The local spec runs the packed row's attention with a dense block-diagonal mask, so its attention costs what
+a padded row of the same length costs; Transformer Engine's THD attention (GPU) skips the masked blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+
+
+def response_lengths(count: int, max_new: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    median = max_new / 10
+    draws = torch.exp(math.log(median) + torch.randn(count, generator=gen))
+    return [int(min(max(1, round(float(x))), max_new)) for x in draws]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    args = parser.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29583")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+    from alp_megatron.alp.loss import LossConfig
+    from alp_megatron.alp.perturbation import PerturbationConfig
+    from alp_megatron.model.arch import ModelArch
+    from alp_megatron.model.provider import ModelConfig, ParallelConfig, build_model, initialize_parallel
+    from alp_megatron.trainer.actor import Actor, ActorConfig
+    from alp_megatron.trainer.batch import build_training_batch
+    from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, wrap_ddp
+
+    longest = args.prompt + args.max_new_tokens
+    hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": args.hidden, "num_attention_heads": 8,
+          "num_key_value_heads": 4, "intermediate_size": 4 * args.hidden, "num_hidden_layers": args.layers,
+          "vocab_size": 1024, "max_position_embeddings": longest, "rms_norm_eps": 1e-6, "rope_theta": 1e4,
+          "tie_word_embeddings": False}
+    parallel = ParallelConfig()
+    initialize_parallel(parallel)
+    arch = ModelArch.from_hf_config(hf)
+    alp = PerturbationConfig(sigma_0=0.02)
+    settings = OptimizerSettings(lr=1e-6)
+    actors = {}
+    state = None
+    for mode, budget in (("padded", None), ("packed", longest)):
+        chunks = build_model(arch, parallel, ModelConfig(), alp)
+        if state is None:
+            state = chunks[0].state_dict()
+        else:
+            chunks[0].load_state_dict(state)
+        ddp = wrap_ddp(chunks, settings)
+        optimizer, scheduler = build_optimizer(ddp, settings, alp)
+        actors[mode] = Actor(ddp, optimizer, scheduler, LossConfig(method="alp_seq"),
+                             ActorConfig(micro_batch_size=1, max_tokens_per_microbatch=budget))
+    cuda = torch.cuda.is_available()
+
+    def batch_for(step: int):
+        gen = torch.Generator().manual_seed(1000 + step)
+        lengths = response_lengths(args.samples, args.max_new_tokens, seed=step)
+        prompts = [torch.randint(0, arch.vocab_size, (args.prompt,), generator=gen).tolist() for _ in lengths]
+        responses = [torch.randint(0, arch.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+        logprobs = [[-math.log(arch.vocab_size)] * n for n in lengths]
+        advantages = torch.randn(args.samples, generator=gen).tolist()
+        return build_training_batch(prompts, responses, logprobs, advantages, list(range(step * 1000, step * 1000
+                                                                                              + args.samples)))
+
+    times = {"padded": [], "packed": []}
+    shares = {"padded": [], "packed": []}
+    peak = {"padded": 0, "packed": 0}
+    useful = processed_padded = 0
+    for step in range(args.steps + 1):  # step 0 warms up
+        batch = batch_for(step)
+        for mode in (("padded", "packed") if step % 2 else ("packed", "padded")):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            report = actors[mode].train(batch)
+            shares[mode].append(report.metrics["padded_share"])
+            if cuda:
+                torch.cuda.synchronize()
+                peak[mode] = max(peak[mode], torch.cuda.max_memory_allocated())
+            if step:
+                times[mode].append(time.perf_counter() - start)
+        if step:
+            useful += int(batch.lengths.sum())
+            processed_padded += batch.size * batch.seq_length
+    padded_time, packed_time = statistics.median(times["padded"]), statistics.median(times["packed"])
+    useful_per_step = useful / args.steps
+    ideal = processed_padded / useful
+    measured = (useful_per_step / packed_time) / (useful_per_step / padded_time)
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {device}; {args.layers} layers, hidden {args.hidden}; {args.samples} samples a step, prompt "
+          f"{args.prompt}, responses lognormal (median {args.max_new_tokens // 10}, cap {args.max_new_tokens}); "
+          f"{args.steps} steps each, interleaved")
+    for mode, seconds in (("padded", padded_time), ("packed", packed_time)):
+        print(f"{mode}: median step {seconds:.3f} s, {useful_per_step / seconds:,.0f} useful tokens/s, padded share "
+              f"{statistics.mean(shares[mode]):.1%} (the actor's padded_share)")
+    print(f"throughput packed/padded {measured:.2f}; ideal (padded tokens / useful tokens) {ideal:.2f}; "
+          f"measured/ideal {measured / ideal:.2f} (target >= 0.8)")
+    if cuda:
+        print(f"peak memory padded {peak['padded'] / 2**30:.2f} GiB, packed {peak['packed'] / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
