@@ -44,6 +44,7 @@ setup(
         "alp_megatron.alp",
         "alp_megatron.model",
         "alp_megatron.trainer",
+        "alp_megatron.run",
         "alp_megatron.bridge",
         "alp_megatron.bridge.transports",
         "alp_megatron.rollout",

@@ -56,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = load_run_config(args.config, tuple(overrides))
         if args.check_config:
-            from alp_megatron.trainer.build import check_run_inputs
+            from alp_megatron.run.build import check_run_inputs
 
             check_run_inputs(config)
     except AlpError as error:
@@ -75,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         watch = follow_launcher()
         _single_rank_environment()
-        from alp_megatron.trainer.loop import run
+        from alp_megatron.run.loop import run
 
         run(config, resume=args.resume)
     except BaseException as error:

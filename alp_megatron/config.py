@@ -23,8 +23,8 @@ from alp_megatron.rewards.math_verifier import MathVerifierConfig
 from alp_megatron.rollout.types import SamplingConfig
 from alp_megatron.trainer.actor import ActorConfig
 from alp_megatron.trainer.checkpoint import CheckpointConfig
-from alp_megatron.trainer.engine import OptimizerSettings
-from alp_megatron.trainer.metrics import MetricsConfig
+from alp_megatron.trainer.step import OptimizerSettings
+from alp_megatron.run.metrics import MetricsConfig
 
 ROLLOUT_MODES = ("colocated", "disaggregated")
 LABEL_REWARDS = ("math", "exact_match", "positional_match")  # built-in rewards that compare with the label

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Optional
 
-from alp_megatron.trainer.metrics import read_metrics
+from alp_megatron.run.metrics import read_metrics
 
 TABLE_COLUMNS = (("step", "{:>5d}"), ("reward_mean", "{:>7.3f}"), ("ratio_seq_p999", "{:>9.3f}"),
                  ("ratio_seq_max", "{:>9.3f}"), ("mismatch_k3", "{:>9.2e}"), ("sigma_mean", "{:>8.4f}"),

@@ -50,7 +50,7 @@ def main() -> None:
     from alp_megatron.model.arch import ModelArch
     from alp_megatron.model.logprobs import shift_targets, token_logprobs
     from alp_megatron.model.provider import ModelConfig, ParallelConfig, build_model, initialize_parallel
-    from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, train_step, wrap_ddp
+    from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 
     hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": args.hidden, "num_attention_heads": 8,
           "num_key_value_heads": 4, "intermediate_size": 4 * args.hidden, "num_hidden_layers": args.layers,

@@ -21,7 +21,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from alp_megatron.trainer.metrics import read_metrics  # noqa: E402
+from alp_megatron.run.metrics import read_metrics  # noqa: E402
 
 VARIANTS = {"alp": ["loss.method=alp_seq", "alp.enabled=true"],
             "bypass": ["loss.method=bypass", "alp.enabled=false"],

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from alp_megatron.study import analysis
     from alp_megatron.study.plan import load_study_config
     from alp_megatron.study.runner import run_study
-    from alp_megatron.trainer.metrics import read_metrics
+    from alp_megatron.run.metrics import read_metrics
 
     try:
         study = load_study_config(args.config, tuple(args.overrides))

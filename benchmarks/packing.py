@@ -52,7 +52,7 @@ def main() -> None:
     from alp_megatron.model.provider import ModelConfig, ParallelConfig, build_model, initialize_parallel
     from alp_megatron.trainer.actor import Actor, ActorConfig
     from alp_megatron.trainer.batch import build_training_batch
-    from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, wrap_ddp
+    from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, wrap_ddp
 
     longest = args.prompt + args.max_new_tokens
     hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": args.hidden, "num_attention_heads": 8,

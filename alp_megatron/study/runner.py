@@ -22,7 +22,7 @@ from typing import Callable, Optional
 from alp_megatron.config import RunConfig, load_run_config
 from alp_megatron.errors import AlpError
 from alp_megatron.study.plan import RunSpec, StudyConfig, plan_runs
-from alp_megatron.trainer.metrics import read_metrics
+from alp_megatron.run.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from alp_megatron.model.logprobs import token_entropy, token_logprobs
 from alp_megatron.trainer.batch import (TrainingBatch, micro_batch_counts, mini_batch_lengths, packed_micro_batch,
                                        plan_micro_batches, share_indices)
 from alp_megatron.trainer.distribute import LocalBatch
-from alp_megatron.trainer.engine import train_step
+from alp_megatron.trainer.step import train_step
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class ActorReport:
 
 
 class Actor:
-    """Trains the DDP-wrapped model chunks with ``optimizer``/``scheduler`` (see ``trainer.engine``)."""
+    """Trains the DDP-wrapped model chunks with ``optimizer``/``scheduler`` (see :mod:`alp_megatron.trainer.step`)."""
 
     def __init__(self, ddp_chunks: list, optimizer, scheduler, loss: LossConfig, config: ActorConfig,
                  reference=None):

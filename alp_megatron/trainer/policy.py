@@ -21,7 +21,7 @@ from alp_megatron.model.arch import ModelArch
 from alp_megatron.model.provider import build_model
 from alp_megatron.progress import ByteProgress
 from alp_megatron.trainer.actor import Actor
-from alp_megatron.trainer.engine import build_optimizer, wrap_ddp
+from alp_megatron.trainer.step import build_optimizer, wrap_ddp
 
 logger = logging.getLogger(__name__)
 

@@ -282,20 +282,29 @@ def test_an_empty_micro_batch_gives_zero_loss(method):
     assert metrics["loss"] == 0.0
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
-def test_the_training_pass_gets_the_same_loss_and_gradient_without_metrics(method):
-    gen = torch.Generator().manual_seed(5)
+def _two_calls(seed: int, calls) -> list:
+    """``(loss, gradient, metrics)`` of ``policy_loss`` on the same random inputs, once per ``calls`` entry (the
+    config and the keyword arguments of that call; ``"old"`` stands for a second set of logprobs)."""
+    gen = torch.Generator().manual_seed(seed)
     logp = -torch.rand(3, 4, generator=gen, dtype=torch.float64)
-    mu = logp + 0.2 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
-    old = logp + 0.1 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    mu = logp + 0.1 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    other = logp + 0.3 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
     adv, mask = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.rand(3, 4, generator=gen) > 0.2
     results = []
-    for with_metrics in (True, False):
+    for cfg, kwargs in calls:
         lp = logp.clone().requires_grad_(True)
-        loss, metrics = policy_loss(lp, mu, adv, mask, LossConfig(method=method, kl_coef=0.01), old_logprobs=old,
-                                    ref_logprobs=old, with_metrics=with_metrics)
+        kwargs = {name: other if value == "old" else value for name, value in kwargs.items()}
+        loss, metrics = policy_loss(lp, mu, adv, mask, cfg, **kwargs)
         loss.backward()
         results.append((loss.detach(), lp.grad, metrics))
+    return results
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_the_training_pass_gets_the_same_loss_and_gradient_without_metrics(method):
+    cfg = LossConfig(method=method, kl_coef=0.01)
+    results = _two_calls(5, [(cfg, dict(old_logprobs="old", ref_logprobs="old", with_metrics=flag))
+                             for flag in (True, False)])
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert results[0][2]["loss"] == float(results[0][0]) and results[1][2] == {}
 
@@ -304,17 +313,7 @@ def test_the_training_pass_gets_the_same_loss_and_gradient_without_metrics(metho
 
 
 def test_kl_coef_zero_changes_nothing():
-    gen = torch.Generator().manual_seed(3)
-    logp = -torch.rand(3, 4, generator=gen, dtype=torch.float64)
-    mu = logp + 0.1 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
-    ref = logp + 0.3 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
-    adv, mask = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.rand(3, 4, generator=gen) > 0.2
-    results = []
-    for extra in ({}, {"ref_logprobs": ref}):
-        lp = logp.clone().requires_grad_(True)
-        loss, metrics = policy_loss(lp, mu, adv, mask, LossConfig(), **extra)
-        loss.backward()
-        results.append((loss.detach(), lp.grad, metrics))
+    results = _two_calls(3, [(LossConfig(), {}), (LossConfig(), {"ref_logprobs": "old"})])
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert "kl_ref_mean" not in results[0][2] and results[1][2]["kl_ref_mean"] > 0
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from alp_megatron.trainer.metrics import read_metrics
+from alp_megatron.run.metrics import read_metrics
 from tests.launch.slurm_cluster import SlurmCluster, SlurmUnavailable
-from tests.trainer.test_rl_loop import REPO, SMALL
+from tests.run.test_rl_loop import REPO, SMALL
 
 pytestmark = pytest.mark.sglang
 

@@ -19,7 +19,7 @@ from alp_megatron.alp.perturbation import PerturbationConfig
 from alp_megatron.model.arch import ModelArch
 from alp_megatron.model.logprobs import shift_targets, token_logprobs
 from alp_megatron.model.provider import ModelConfig, ParallelConfig, build_model, initialize_parallel
-from alp_megatron.trainer.engine import (
+from alp_megatron.trainer.step import (
     OptimizerSettings, build_optimizer, log_sigma_parameters, train_step, wrap_ddp,
 )
 from tests.tiny_models import hf_config

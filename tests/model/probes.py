@@ -177,7 +177,7 @@ def run_all(architectures: list[str]) -> dict:
 
 def sigma_group_check() -> dict:
     """log_sigma has its own optimizer group with sigma_lr / sigma_weight_decay, through Megatron's optimizer."""
-    from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, wrap_ddp
+    from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, wrap_ddp
 
     alp = PerturbationConfig(sigma_lr=0.123, sigma_weight_decay=0.01)
     _, model = _alp_model("LlamaForCausalLM", alp)

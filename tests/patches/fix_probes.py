@@ -12,7 +12,7 @@ def save_and_load_with_sigma_group(directory: str, with_fix: bool) -> dict:
     from alp_megatron._patches import megatron_core
     from alp_megatron.model.provider import ModelConfig, ParallelConfig, build_model
     from alp_megatron.trainer.checkpoint import load_checkpoint, save_checkpoint
-    from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, wrap_ddp
+    from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, wrap_ddp
     from tests.model.layouts import ALP, Layout, arch_for
 
     dist.init_process_group("gloo")

@@ -121,7 +121,7 @@ def p3_rng_tracker_fork() -> dict:
 def _train_one_step(distributed_optimizer: bool) -> dict:
     """Dense model in Megatron's DDP and optimizer; one optimizer step through the pipeline schedule."""
     from alp_megatron.alp.perturbation import PerturbationConfig
-    from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, train_step, wrap_ddp
+    from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 
     model, arch = _model("LlamaForCausalLM", _initialize())
     settings = OptimizerSettings(lr=1e-3, clip_grad=1.0, use_distributed_optimizer=distributed_optimizer)
@@ -225,7 +225,7 @@ def with_all_patches(refused_versions: list[str]) -> dict:
 
     import alp_megatron  # noqa: F401
     import alp_megatron.model.provider  # noqa: F401
-    import alp_megatron.trainer.engine  # noqa: F401
+    import alp_megatron.trainer.step  # noqa: F401
     from alp_megatron._patches import megatron_core
 
     report = dict(applied_on_import=megatron_core.applied(), refusals={})

@@ -94,7 +94,7 @@ def fails_without(runs, ident: str, must_contain: tuple = (), one_of: tuple = ()
 
 
 def test_nothing_is_applied_on_import(patched):
-    # Imported: alp_megatron, the patches module, alp_megatron.model.provider and trainer.engine.
+    # Imported: alp_megatron, the patches module, alp_megatron.model.provider and trainer.step.
     for report in patched:
         assert report["applied_on_import"] == ()
 

@@ -114,7 +114,7 @@ def test_launched_servers_sit_side_by_side_on_their_own_gpus(tmp_path):
     trainer's GPUs when disaggregated; a placement past the visible GPUs names the field; no flag without
     GPUs."""
     from alp_megatron.config import RolloutSection
-    from alp_megatron.trainer.engines import launched_server_gpus
+    from alp_megatron.rollout.fleet import launched_server_gpus
 
     colocated = RolloutSection(mode="colocated", servers=4, server_tp_size=2)
     assert launched_server_gpus(colocated, trainer_gpus_on_node=8, visible_gpus=8) == [0, 2, 4, 6]

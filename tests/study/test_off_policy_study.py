@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from alp_megatron.trainer.metrics import REQUIRED_KEYS, read_metrics
+from alp_megatron.run.metrics import REQUIRED_KEYS, read_metrics
 
 pytestmark = pytest.mark.sglang
 

@@ -12,7 +12,7 @@ from alp_megatron.model.provider import ParallelConfig
 from alp_megatron.trainer.actor import Actor, ActorConfig
 from alp_megatron.trainer.batch import build_training_batch
 from alp_megatron.alp.perturbation import PerturbationConfig
-from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, log_sigma_parameters, wrap_ddp
+from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, log_sigma_parameters, wrap_ddp
 from tests.model.layouts import ALP, Layout, arch_for, build, load_reference
 
 SAMPLES = 8

@@ -8,7 +8,7 @@ from alp_megatron.data.prompts import Prompt
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.trainer.actor import Actor, ActorConfig
 from alp_megatron.trainer.checkpoint import RunProgress, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from alp_megatron.trainer.engine import OptimizerSettings, build_optimizer, log_sigma_parameters, wrap_ddp
+from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, log_sigma_parameters, wrap_ddp
 from tests.model.layouts import ALP, Layout, arch_for, build, load_reference
 from tests.trainer.actor_probes import rollout_batch
 

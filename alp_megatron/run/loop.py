@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 from alp_megatron.trainer.checkpoint import RunProgress, save_checkpoint
 from alp_megatron.trainer.distribute import distribute
-from alp_megatron.trainer.metrics import write_rollouts
-from alp_megatron.trainer.samples import pack_training_batch, score_rollout
-from alp_megatron.trainer.build import RunState, build_run
+from alp_megatron.run.metrics import write_rollouts
+from alp_megatron.run.scoring import pack_training_batch, score_rollout
+from alp_megatron.run.build import RunState, build_run
 
 logger = logging.getLogger(__name__)
 

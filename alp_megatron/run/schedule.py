@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 from alp_megatron.rollout.types import RolloutBatch
 
@@ -22,6 +22,22 @@ class Rollout:
     batch: RolloutBatch
     prompts: dict  # group id -> data Prompt
     seconds: float  # wall time the trainer waited for it (all of it when synchronous)
+
+
+class Schedule(Protocol):
+    """What the loop asks of a schedule, at each point of a step (global rank 0)."""
+
+    def next_rollout(self) -> Rollout: ...
+
+    def before_train(self) -> None: ...
+
+    def after_train(self) -> None: ...
+
+    def before_sync(self) -> None: ...
+
+    def resume_state(self) -> dict: ...
+
+    def close(self) -> None: ...
 
 
 class Synchronous:

@@ -5,7 +5,7 @@ import pytest
 from alp_megatron.data.prompts import Prompt
 from alp_megatron.rewards import RewardError, exact_match_reward
 from alp_megatron.rollout.types import RolloutBatch, Sample, WeightSpan
-from alp_megatron.trainer.samples import score_rollout
+from alp_megatron.run.scoring import score_rollout
 
 
 class Characters:

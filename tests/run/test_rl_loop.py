@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alp_megatron.trainer.metrics import REQUIRED_KEYS, read_metrics
+from alp_megatron.run.metrics import REQUIRED_KEYS, read_metrics
 from tests.processes import descendants, kill_tree, wait_gone
 
 pytestmark = pytest.mark.sglang
@@ -223,7 +223,7 @@ def test_unknown_or_ill_typed_config_fields_fail_at_start(tmp_path):
 
 def test_distributed_into_colocated_engines_is_refused_where_it_would_be_nccl():
     from alp_megatron.errors import ConfigError
-    from alp_megatron.trainer.weight_update import check_transport_reaches_engines
+    from alp_megatron.bridge.weight_update import check_transport_reaches_engines
 
     with pytest.raises(ConfigError, match="weight_sync.transport") as caught:
         check_transport_reaches_engines("distributed", "colocated", cuda_available=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -15,14 +15,20 @@ from alp_megatron.config_loading import to_dict
 from alp_megatron.errors import AlpError, ConfigError
 from alp_megatron.trainer.checkpoint import RunProgress, find_latest_checkpoint, load_checkpoint
 from alp_megatron.trainer.policy import Policy
-from alp_megatron.trainer.weight_update import TrainerWeightSync, check_transport_reaches_engines
+from alp_megatron.bridge.weight_update import TrainerWeightSync, check_transport_reaches_engines
+
+if TYPE_CHECKING:  # imported where built: the rollout side exists on global rank 0 only
+    from alp_megatron.rewards.base import AsyncRewardFunction, RewardFunction
+    from alp_megatron.rollout.fleet import RolloutEngines
+    from alp_megatron.run.metrics import MetricsLogger
+    from alp_megatron.run.schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RunState:
-    config: Any
+    config: Any  # the RunConfig (alp_megatron.config, which imports the components' configs from here)
     policy: Policy
     weight_sync: TrainerWeightSync
     checkpoint_dir: str
@@ -31,11 +37,11 @@ class RunState:
     divisible_by: int
     pad_to_multiple: int
     # global rank 0 only:
-    tokenizer: Any = None
-    engines: Any = None
-    schedule: Any = None
-    reward_fn: Any = None
-    metrics_logger: Any = None
+    tokenizer: Any = None  # a transformers tokenizer
+    engines: Optional["RolloutEngines"] = None
+    schedule: Optional["Schedule"] = None
+    reward_fn: Optional[Union["RewardFunction", "AsyncRewardFunction"]] = None
+    metrics_logger: Optional["MetricsLogger"] = None
     last_saved_step: int = -1
     verify_prompts: list = field(default_factory=list)
 
@@ -136,14 +142,13 @@ def reward_function(config):
 
 
 def build_run(config, resume: bool) -> RunState:
-    from megatron.core import parallel_state
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from transformers import AutoTokenizer
 
     from alp_megatron.model.provider import initialize_parallel
-    from alp_megatron.trainer.engines import RolloutEngines, server_log_dir
-    from alp_megatron.trainer.metrics import MetricsLogger
-    from alp_megatron.trainer.schedule import OneStepOff, Synchronous
+    from alp_megatron.rollout.fleet import RolloutEngines, server_log_dir
+    from alp_megatron.run.metrics import MetricsLogger
+    from alp_megatron.run.schedule import OneStepOff, Synchronous
 
     check_transport_reaches_engines(config.weight_sync.transport, config.rollout.mode, torch.cuda.is_available())
     out = config.run.output_dir
@@ -152,7 +157,7 @@ def build_run(config, resume: bool) -> RunState:
     if latest and not resume:
         raise AlpError(f"{out} already holds checkpoint {latest}: pass --resume to continue that run, or choose "
                        "another --output-dir (nothing was overwritten)")
-    initialize_parallel(config.parallel, seed=config.run.seed)
+    data_parallel = initialize_parallel(config.parallel, seed=config.run.seed)
     rank0 = dist.get_rank() == 0
     hf_dir = _base_model(config)
     tokenizer = engines = schedule = reward_fn = metrics_logger = batches = None
@@ -199,7 +204,7 @@ def build_run(config, resume: bool) -> RunState:
     state = RunState(
         config=config, policy=policy, weight_sync=weight_sync, checkpoint_dir=checkpoint_dir,
         start_step=start_step, weight_version=weight_version,
-        divisible_by=config.actor.num_mini_batches * parallel_state.get_data_parallel_world_size()
+        divisible_by=config.actor.num_mini_batches * data_parallel
         * (1 if config.actor.max_tokens_per_microbatch is not None else config.actor.micro_batch_size),
         pad_to_multiple=config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1,
         tokenizer=tokenizer, engines=engines, schedule=schedule, reward_fn=reward_fn,

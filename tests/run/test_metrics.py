@@ -6,7 +6,7 @@ import os
 import pytest
 
 from alp_megatron.errors import ConfigError
-from alp_megatron.trainer.metrics import GpuTelemetry, MetricsConfig, MetricsLogger, read_metrics
+from alp_megatron.run.metrics import GpuTelemetry, MetricsConfig, MetricsLogger, read_metrics
 
 
 def test_jsonl_and_tensorboard(tmp_path):
