@@ -136,8 +136,9 @@ class Actor:
 
         Packed: every data-parallel rank plans the same number of micro-batches (the most any rank's share
         needs, from ``mini_batch_lengths``, the lengths of the whole mini-batch, known on every rank), as
-        expert parallelism's all-to-alls need; under pipeline parallelism all are padded to one length (the
-        schedule sends fixed-shape activations); under sequence parallelism to a multiple of TP.
+        expert parallelism's all-to-alls need, and a multiple of PP under interleaved pipelining; under pipeline
+        parallelism all are padded to one length (the schedule sends fixed-shape activations); under sequence
+        parallelism to a multiple of TP.
         """
         from megatron.core import parallel_state
 
@@ -150,6 +151,15 @@ class Actor:
         dp_size = parallel_state.get_data_parallel_world_size()
         budget = self._budget(mini_batch_lengths)
         count = max(micro_batch_counts(mini_batch_lengths, budget, dp_size))
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if len(self.chunks) > 1 and count % pp:  # the interleaved schedule runs micro-batches in groups of PP
+            count += pp - count % pp
+            if count > share.size:
+                raise ConfigError("actor.max_tokens_per_microbatch",
+                                  f"interleaved pipelining needs a multiple of {pp} micro-batches, but this rank has "
+                                  f"{share.size} samples in a mini-batch",
+                                  f"give each rank at least {count} samples per mini-batch (fewer mini-batches or more "
+                                  "prompts), or drop parallel.virtual_pipeline_parallel")
         plan = plan_micro_batches(share.lengths.tolist(), budget, count, share.sample_ids.tolist())
         tp = parallel_state.get_tensor_model_parallel_world_size()
         multiple = tp if self.chunks[0].config.sequence_parallel else 1

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from alp_megatron.alp.loss import LossConfig
-from alp_megatron.model.provider import ParallelConfig
+from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.trainer.actor import Actor, ActorConfig
 from alp_megatron.trainer.batch import build_training_batch
 from alp_megatron.alp.perturbation import PerturbationConfig
@@ -55,16 +55,17 @@ def mismatch_k3_by_hand(model, batch) -> float:
 
 def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_second: bool = False,
               epochs: int = 1, alp: PerturbationConfig = ALP, sigma: Optional[float] = None,
-              max_tokens: Optional[int] = None, architecture: str = "LlamaForCausalLM") -> dict:
+              max_tokens: Optional[int] = None, architecture: str = "LlamaForCausalLM",
+              model: ModelConfig = ModelConfig(), distributed_optimizer: bool = False) -> dict:
     """``alp``: the perturbation (``enabled=False`` for the baselines); ``sigma``: every layer's sigma at the
     start, instead of the reference weights' own; ``max_tokens``: packed micro-batches of that budget."""
-    layout = Layout("actor", architecture, parallel=parallel, alp=alp)
+    layout = Layout("actor", architecture, parallel=parallel, model=model, alp=alp)
     chunks = build(layout)
     load_reference(chunks, reference_dir)
     if sigma is not None:
         for log_sigma in log_sigma_parameters(chunks).values():
             log_sigma.data.fill_(math.log(sigma))
-    settings = OptimizerSettings(lr=1e-3, clip_grad=1.0)
+    settings = OptimizerSettings(lr=1e-3, clip_grad=1.0, use_distributed_optimizer=distributed_optimizer)
     ddp_chunks = wrap_ddp(chunks, settings)
     optimizer, scheduler = build_optimizer(ddp_chunks, settings, alp)
     actor = Actor(ddp_chunks, optimizer, scheduler, LossConfig.for_method(method),

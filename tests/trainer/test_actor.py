@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from alp_megatron.model.provider import ParallelConfig
+from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.trainer.batch import build_training_batch
 from alp_megatron.errors import AlpError
 from tests.distributed import run_ranks
@@ -58,19 +58,27 @@ def test_actor_is_independent_of_layout(reference_dir, single_rank, name, parall
         _assert_same_training(result, single_rank, name)
 
 
-@pytest.mark.parametrize("name,ranks,parallel,budget", [
-    ("packed", 1, ParallelConfig(), 40),  # 2-3 samples of 10-16 tokens per micro-batch
-    ("packed_one_per_micro_batch", 1, ParallelConfig(), 16),
-    ("packed_auto", 1, ParallelConfig(), "auto"),  # micro_batch_size (2) x the longest sample (16)
-    ("packed_dp2", 2, ParallelConfig(), 40),
-    ("packed_tp2_sp", 2, ParallelConfig(tensor_parallel=2, sequence_parallel=True), 40),
-    ("packed_pp2", 2, ParallelConfig(pipeline_parallel=2), 40),
+@pytest.mark.parametrize("name,ranks,parallel,budget,extra", [
+    ("packed", 1, ParallelConfig(), 40, {}),  # 2-3 samples of 10-16 tokens per micro-batch
+    ("packed_one_per_micro_batch", 1, ParallelConfig(), 16, {}),
+    ("packed_auto", 1, ParallelConfig(), "auto", {}),  # micro_batch_size (2) x the longest sample (16)
+    ("packed_dp2", 2, ParallelConfig(), 40, {}),
+    ("packed_tp2_sp", 2, ParallelConfig(tensor_parallel=2, sequence_parallel=True), 40, {}),
+    ("packed_pp2", 2, ParallelConfig(pipeline_parallel=2), 40, {}),
+    ("packed_pp2_vpp2", 2, ParallelConfig(pipeline_parallel=2, virtual_pipeline_parallel=2), 40, {}),
+    # one 48-token row would hold a mini-batch's share: interleaving needs micro-batches in groups of PP
+    ("packed_pp2_vpp2_split_to_pp", 2, ParallelConfig(pipeline_parallel=2, virtual_pipeline_parallel=2), 60, {}),
+    ("packed_tp2_recompute", 2, ParallelConfig(tensor_parallel=2), 40, {"model": ModelConfig(recompute="full")}),
+    ("packed_pp2_recompute", 2, ParallelConfig(pipeline_parallel=2), 16, {"model": ModelConfig(recompute="full")}),
+    ("packed_dp2_distributed_optimizer", 2, ParallelConfig(), 40, {"distributed_optimizer": True}),
+    ("packed_tp2_pp2", 4, ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 40, {}),
 ])
-def test_packed_micro_batches_train_as_padded_ones(reference_dir, single_rank, name, ranks, parallel, budget):
+def test_packed_micro_batches_train_as_padded_ones(reference_dir, single_rank, name, ranks, parallel, budget, extra):
     """Samples packed by a token budget (block-diagonal attention, positions and ALP noise per sample; data-
     parallel shares balanced by tokens) give the padded run's losses, gradient norms and metrics (fp32, rtol
     1e-5)."""
-    results = run_ranks(ranks, functools.partial(run_actor, max_tokens=budget), parallel, reference_dir, "alp_seq")
+    results = run_ranks(ranks, functools.partial(run_actor, max_tokens=budget, **extra), parallel, reference_dir,
+                        "alp_seq")
     for result in results:  # the loss sums its O(1) terms in another grouping: a few 1e-7 absolute apart
         _assert_same_training(result, single_rank, name, loss_abs=1e-6)
 
