@@ -131,8 +131,10 @@ class Actor:
         budget = self.config.max_tokens_per_microbatch
         return self.config.micro_batch_size * max(mini_batch_lengths) if budget == "auto" else budget
 
-    def _micro_batches(self, share: TrainingBatch, mini_batch_lengths: list[int]) -> tuple[list[dict], int]:
-        """This rank's micro-batches of ``share`` and the sequence length the pipeline schedule is told.
+    def _micro_batches(self, share: TrainingBatch, mini_batch_lengths: list[int],
+                       pad_to: int = 0) -> tuple[list[dict], int]:
+        """This rank's micro-batches of ``share`` and the sequence length the pipeline schedule is told
+        (``pad_to``: at least this long under pipeline parallelism, when one schedule runs several shares).
 
         Packed: every data-parallel rank plans the same number of micro-batches (the most any rank's share
         needs, from ``mini_batch_lengths``, the lengths of the whole mini-batch, known on every rank), as
@@ -166,7 +168,7 @@ class Actor:
         total = None
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             longest = max(int(share.lengths[indices].sum()) for indices in plan)
-            total = -(-longest // multiple) * multiple
+            total = max(-(-longest // multiple) * multiple, pad_to)
         micro = [_on_device(packed_micro_batch(share, indices, multiple, total)) for indices in plan]
         return micro, max(m["tokens"].shape[1] for m in micro)
 
@@ -189,6 +191,10 @@ class Actor:
 
         temperature = self.config.temperature
         planned = [self._micro_batches(share, mini) for share, mini in zip(shares, lengths)]
+        longest = max(seq for _, seq in planned)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1 and self.packed and any(
+                seq != longest for _, seq in planned):  # one schedule, one activation shape for every stage
+            planned = [self._micro_batches(share, mini, pad_to=longest) for share, mini in zip(shares, lengths)]
         micro_batches = [mb for micro, _ in planned for mb in micro]
 
         def forward_step(data_iterator, model):
@@ -214,7 +220,7 @@ class Actor:
                     data_iterator=[iter(micro_batches) for _ in range(vp)] if vp > 1 else iter(micro_batches),
                     model=chunks if vp > 1 else chunks[0],
                     num_microbatches=len(micro_batches),
-                    seq_length=max(seq for _, seq in planned),
+                    seq_length=longest,
                     micro_batch_size=micro_batches[0]["tokens"].shape[0],
                     forward_only=True,
                 )

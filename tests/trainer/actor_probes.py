@@ -19,12 +19,13 @@ SAMPLES = 8
 PROMPT = 4
 
 
-def rollout_batch(seed: int, vocab: int, poison_advantages: bool = False):
-    """8 samples with responses of different lengths, near-uniform rollout logprobs, GRPO-like advantages."""
+def rollout_batch(seed: int, vocab: int, poison_advantages: bool = False, varied: bool = False):
+    """8 samples with responses of different lengths, near-uniform rollout logprobs, GRPO-like advantages
+    (``varied``: the second half 3 tokens longer, so the two mini-batches' lengths differ)."""
     gen = torch.Generator().manual_seed(seed)
     prompts, responses, logprobs = [], [], []
     for i in range(SAMPLES):
-        length = 6 + (i % 4) * 2
+        length = 6 + (i % 4) * 2 + (3 * (i >= SAMPLES // 2) if varied else 0)
         prompts.append(torch.randint(0, vocab, (PROMPT,), generator=gen).tolist())
         responses.append(torch.randint(0, vocab, (length,), generator=gen).tolist())
         logprobs.append((-math.log(vocab) + 0.1 * torch.randn(length, generator=gen)).tolist())
@@ -56,7 +57,7 @@ def mismatch_k3_by_hand(model, batch) -> float:
 def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_second: bool = False,
               epochs: int = 1, alp: PerturbationConfig = ALP, sigma: Optional[float] = None,
               max_tokens: Optional[int] = None, architecture: str = "LlamaForCausalLM",
-              model: ModelConfig = ModelConfig(), distributed_optimizer: bool = False) -> dict:
+              model: ModelConfig = ModelConfig(), distributed_optimizer: bool = False, varied: bool = False) -> dict:
     """``alp``: the perturbation (``enabled=False`` for the baselines); ``sigma``: every layer's sigma at the
     start, instead of the reference weights' own; ``max_tokens``: packed micro-batches of that budget."""
     layout = Layout("actor", architecture, parallel=parallel, model=model, alp=alp)
@@ -75,7 +76,7 @@ def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_
     reports, sums, k3_by_hand = [], [], []
     for seed in (1, 2, 3):
         before = local_parameter_sum(chunks)
-        batch = rollout_batch(seed, vocab, poison_advantages=poison_second and seed == 2)
+        batch = rollout_batch(seed, vocab, poison_advantages=poison_second and seed == 2, varied=varied)
         if len(chunks) == 1 and parallel == ParallelConfig():
             k3_by_hand.append(mismatch_k3_by_hand(chunks[0], batch))
         report = actor.train(batch)
