@@ -21,6 +21,7 @@ from alp_megatron.bridge.mapping import (
 )
 from alp_megatron.errors import ConfigError
 from alp_megatron.model.arch import ModelArch
+from alp_megatron.model.provider import rank_device
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -175,15 +176,11 @@ def _materialise(item: _Item, arch: ModelArch, ranks: ParallelRanks,
     source = dist.get_global_rank(pipeline, item.stage)
     out = []
     for index, shape in enumerate(item.shapes):
-        tensor = tensors[index].contiguous() if tensors else torch.empty(shape, dtype=item.dtype, device=_device())
+        tensor = (tensors[index].contiguous() if tensors
+                  else torch.empty(shape, dtype=item.dtype, device=rank_device()))
         dist.broadcast(tensor, src=source, group=pipeline)
         out.append(tensor)
     return out
-
-
-def _device() -> torch.device:
-    """Where received tensors live: the current GPU under NCCL, else the CPU (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _gather_shards(binding: Binding, ranks: ParallelRanks) -> torch.Tensor:

@@ -150,6 +150,11 @@ class ModelConfig:
                                   "TransformerConfig", "name TransformerConfig fields only (e.g. attention_dropout)")
 
 
+def rank_device() -> torch.device:
+    """This rank's device: the current GPU (the one :func:`initialize_parallel` set; NCCL's), else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def initialize_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> int:
     """Start torch.distributed (env:// from torchrun or a spawner) and Megatron's parallel state.
 

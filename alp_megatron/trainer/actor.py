@@ -33,6 +33,7 @@ from alp_megatron.alp.stats import train_inference_ratio
 from alp_megatron.errors import ConfigError
 from alp_megatron.model import packing
 from alp_megatron.model.logprobs import token_entropy, token_logprobs
+from alp_megatron.model.provider import rank_device
 from alp_megatron.trainer.batch import (TrainingBatch, micro_batch_counts, mini_batch_lengths, packed_micro_batch,
                                        plan_micro_batches, share_indices)
 from alp_megatron.trainer.distribute import LocalBatch
@@ -131,28 +132,17 @@ class Actor:
         budget = self.config.max_tokens_per_microbatch
         return self.config.micro_batch_size * max(mini_batch_lengths) if budget == "auto" else budget
 
-    def _micro_batches(self, share: TrainingBatch, mini_batch_lengths: list[int],
-                       pad_to: int = 0) -> tuple[list[dict], int]:
-        """This rank's micro-batches of ``share`` and the sequence length the pipeline schedule is told
-        (``pad_to``: at least this long under pipeline parallelism, when one schedule runs several shares).
+    def _plan(self, share: TrainingBatch, mini_batch_lengths: list[int]) -> list[list[int]]:
+        """Which of ``share``'s samples each packed micro-batch holds.
 
-        Packed: every data-parallel rank plans the same number of micro-batches (the most any rank's share
-        needs, from ``mini_batch_lengths``, the lengths of the whole mini-batch, known on every rank), as
-        expert parallelism's all-to-alls need, and a multiple of PP under interleaved pipelining; under pipeline
-        parallelism all are padded to one length (the schedule sends fixed-shape activations); under sequence
-        parallelism to a multiple of TP.
+        Every data-parallel rank plans the same number of micro-batches (the most any rank's share needs, from
+        ``mini_batch_lengths``, the lengths of the whole mini-batch, known on every rank), as expert
+        parallelism's all-to-alls need, and a multiple of PP under interleaved pipelining.
         """
         from megatron.core import parallel_state
 
-        if not self.packed:
-            mbs = self.config.micro_batch_size
-            micro = [share.select(slice(i, i + mbs)).as_micro_batch() for i in range(0, share.size, mbs)]
-            for i, m in enumerate(micro):
-                m["rows"] = torch.arange(i * mbs, i * mbs + m["tokens"].shape[0])
-            return [_on_device(m) for m in micro], share.seq_length
-        dp_size = parallel_state.get_data_parallel_world_size()
         budget = self._budget(mini_batch_lengths)
-        count = max(micro_batch_counts(mini_batch_lengths, budget, dp_size))
+        count = max(micro_batch_counts(mini_batch_lengths, budget, parallel_state.get_data_parallel_world_size()))
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         if len(self.chunks) > 1 and count % pp:  # the interleaved schedule runs micro-batches in groups of PP
             count += pp - count % pp
@@ -162,14 +152,40 @@ class Actor:
                                   f"{share.size} samples in a mini-batch",
                                   f"give each rank at least {count} samples per mini-batch (fewer mini-batches or more "
                                   "prompts), or drop parallel.virtual_pipeline_parallel")
-        plan = plan_micro_batches(share.lengths.tolist(), budget, count, share.sample_ids.tolist())
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        multiple = tp if self.chunks[0].config.sequence_parallel else 1
+        return plan_micro_batches(share.lengths.tolist(), budget, count, share.sample_ids.tolist())
+
+    def _row_multiple(self) -> int:
+        """Packed rows are padded to a multiple of this: TP under sequence parallelism (it splits the rows)."""
+        from megatron.core import parallel_state
+
+        sequence_parallel = self.chunks[0].config.sequence_parallel
+        return parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+
+    def _longest_row(self, share: TrainingBatch, plan: list[list[int]]) -> int:
+        multiple = self._row_multiple()
+        return max(-(-int(share.lengths[indices].sum()) // multiple) * multiple for indices in plan)
+
+    def _micro_batches(self, share: TrainingBatch, mini_batch_lengths: list[int], pad_to: int = 0,
+                       plan=None) -> tuple[list[dict], int]:
+        """This rank's micro-batches of ``share`` and the sequence length the pipeline schedule is told.
+
+        Packed (by ``plan``, or :meth:`_plan`): under pipeline parallelism all rows are padded to one length
+        (the schedule sends fixed-shape activations), at least ``pad_to`` when one schedule runs several
+        shares; under sequence parallelism to a multiple of TP.
+        """
+        from megatron.core import parallel_state
+
+        if not self.packed:
+            mbs = self.config.micro_batch_size
+            micro = [share.select(slice(i, i + mbs)).as_micro_batch() for i in range(0, share.size, mbs)]
+            for i, m in enumerate(micro):
+                m["rows"] = torch.arange(i * mbs, i * mbs + m["tokens"].shape[0])
+            return [_on_device(m) for m in micro], share.seq_length
+        plan = plan if plan is not None else self._plan(share, mini_batch_lengths)
         total = None
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            longest = max(int(share.lengths[indices].sum()) for indices in plan)
-            total = max(-(-longest // multiple) * multiple, pad_to)
-        micro = [_on_device(packed_micro_batch(share, indices, multiple, total)) for indices in plan]
+            total = max(self._longest_row(share, plan), pad_to)
+        micro = [_on_device(packed_micro_batch(share, indices, self._row_multiple(), total)) for indices in plan]
         return micro, max(m["tokens"].shape[1] for m in micro)
 
     # -- passes ------------------------------------------------------------------------------------------
@@ -190,11 +206,13 @@ class Actor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         temperature = self.config.temperature
-        planned = [self._micro_batches(share, mini) for share, mini in zip(shares, lengths)]
+        plans = [self._plan(share, mini) if self.packed else None for share, mini in zip(shares, lengths)]
+        pad_to = 0
+        if self.packed and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            # one schedule runs every share: one activation shape for every stage
+            pad_to = max(self._longest_row(share, plan) for share, plan in zip(shares, plans))
+        planned = [self._micro_batches(share, mini, pad_to, plan) for share, mini, plan in zip(shares, lengths, plans)]
         longest = max(seq for _, seq in planned)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1 and self.packed and any(
-                seq != longest for _, seq in planned):  # one schedule, one activation shape for every stage
-            planned = [self._micro_batches(share, mini, pad_to=longest) for share, mini in zip(shares, lengths)]
         micro_batches = [mb for micro, _ in planned for mb in micro]
 
         def forward_step(data_iterator, model):
@@ -335,8 +353,7 @@ def _padding_metrics(tokens: torch.Tensor, mini_batches: int) -> dict:
     from megatron.core import parallel_state
 
     group = parallel_state.get_data_parallel_group()
-    if torch.cuda.is_available():  # NCCL reduces device tensors
-        tokens = tokens.to(torch.device("cuda", torch.cuda.current_device()))
+    tokens = tokens.to(rank_device())  # NCCL reduces device tensors
     dist.all_reduce(tokens, group=group)
     run, real, count = tokens.tolist()
     return {"padded_share": 1.0 - real / run if run else 0.0,
@@ -366,7 +383,7 @@ def _on_device(micro: dict) -> dict:
     """The micro-batch on this rank's GPU (where the model and NCCL are), as is on a CPU-only run."""
     if not torch.cuda.is_available():
         return micro
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = rank_device()
     return {name: value.to(device, non_blocking=True) for name, value in micro.items()}
 
 

@@ -2,16 +2,16 @@
 
 Global rank 0 holds the scored rollout (:class:`TrainingBatch`). Every rank receives a small header (the
 samples' lengths) and works out which samples its data-parallel rank trains on
-(:func:`~alp_megatron.trainer.batch.share_indices`: the same deterministic split on every rank). Rank 0 then sends each data-parallel group's share, and only that
-share, to the group's first rank as flat tensors (each sample's tokens without padding, its loss mask and
-rollout logprobs, plus per-sample lengths, advantages and ids); that rank broadcasts it inside its group
-(the tensor-, pipeline- and context-parallel ranks of one data-parallel rank), and every rank rebuilds its
-padded shares from it.
+(:func:`~alp_megatron.trainer.batch.share_indices`: the same deterministic split on every rank). Rank 0 then
+sends each data-parallel group's share, and only that share, to the group's first rank as flat tensors (each
+sample's tokens without padding, its loss mask and rollout logprobs, plus per-sample lengths, advantages and
+ids); that rank broadcasts it inside its group (the tensor-, pipeline- and context-parallel ranks of one
+data-parallel rank), and every rank rebuilds its padded shares from it.
 
-What travels, at 64 data-parallel ranks, 512 samples of up to 32k tokens: the header is 512 integers per
-mini-batch; rank 0 sends each group 1/64 of the batch's real tokens (13 bytes a token: int64 id, float32
-loss mask and logprob) instead of pickling the whole padded ``[512, 32k]`` batch to every rank (about 2.5 GB
-each, 160 GB in all with 64 ranks).
+What travels, at 64 data-parallel ranks, 512 samples of up to 32k tokens: the header is one integer a sample;
+rank 0 sends each group 1/64 of the batch's real tokens (13 bytes a token: int64 id, float32 loss mask and
+logprob) instead of pickling the whole padded ``[512, 32k]`` batch to every rank (about 2.5 GB each, 160 GB in
+all with 64 ranks).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from alp_megatron.model.provider import rank_device
 from alp_megatron.trainer.batch import TrainingBatch, mini_batch_lengths, share_indices
 
 _PER_TOKEN = {"tokens": torch.long, "loss_mask": torch.float32, "rollout_logprobs": torch.float32}
@@ -81,7 +82,7 @@ def distribute(batch: Optional[TrainingBatch], config, pad_id: int = 0, pad_to_m
     indices = [share_indices(lengths, config, dp_size, rank) for rank in range(dp_size)]
     groups = _share_groups()
     mine = groups.member_of[dist.get_rank()]
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = rank_device()
     flat: dict[str, torch.Tensor] = {}
     if dist.get_rank() == 0:
         for dp_rank, rows in enumerate(indices):
