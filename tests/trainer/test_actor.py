@@ -46,6 +46,9 @@ def test_k_mini_batches_make_k_optimizer_steps(single_rank):
         assert report["applied"] == [True, True]
         assert all(math.isfinite(g) and g > 0 for g in report["grad_norms"])
         assert report["metrics"]["response_tokens"] == sum(6 + (i % 4) * 2 for i in range(8))
+        # padded micro-batches of 2 rows of the batch's 16 positions hold 104 real tokens of 128
+        assert report["metrics"]["padded_share"] == pytest.approx(1 - 104 / 128)
+        assert report["metrics"]["micro_batches"] == 2.0
         assert report["metrics"]["entropy"] > 0
 
 
@@ -82,6 +85,8 @@ def test_packed_micro_batches_train_as_padded_ones(reference_dir, single_rank, n
                         "alp_seq")
     for result in results:  # the loss sums its O(1) terms in another grouping: a few 1e-7 absolute apart
         _assert_same_training(result, single_rank, name, loss_abs=1e-6)
+        if not parallel.sequence_parallel and "pp2" not in name:  # no row padding needed
+            assert all(report["metrics"]["padded_share"] == 0.0 for report in result["reports"]), name
 
 
 def test_packed_pipeline_runs_mini_batches_of_different_lengths_in_one_shape(reference_dir):
