@@ -51,6 +51,7 @@ def main() -> None:
     from alp_megatron.model.arch import ModelArch
     from alp_megatron.model.provider import ModelConfig, ParallelConfig, build_model, initialize_parallel
     from alp_megatron.trainer.actor import Actor, ActorConfig
+    from alp_megatron.sample import Sample
     from alp_megatron.trainer.batch import build_training_batch
     from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, wrap_ddp
 
@@ -85,8 +86,8 @@ def main() -> None:
         responses = [torch.randint(0, arch.vocab_size, (n,), generator=gen).tolist() for n in lengths]
         logprobs = [[-math.log(arch.vocab_size)] * n for n in lengths]
         advantages = torch.randn(args.samples, generator=gen).tolist()
-        return build_training_batch(prompts, responses, logprobs, advantages, list(range(step * 1000, step * 1000
-                                                                                              + args.samples)))
+        return build_training_batch([Sample.given(p, r, lp, a, step * 1000 + i) for i, (p, r, lp, a)
+                                     in enumerate(zip(prompts, responses, logprobs, advantages))])
 
     times = {"padded": [], "packed": []}
     shares = {"padded": [], "packed": []}

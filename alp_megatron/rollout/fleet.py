@@ -100,8 +100,9 @@ class RolloutEngines:
     def engine_tp_sizes(self) -> Sequence[int]:
         return [self.config.server_tp_size] * len(self.worker_urls)
 
-    def submit(self, prompts: Sequence[Sequence[int]], group_ids: Sequence[int]) -> "Future[RolloutBatch]":
-        """Start a rollout of ``prompts`` (one group each) on the background loop; returns its Future."""
+    def submit(self, prompts: Sequence, group_ids: Sequence[int]) -> "Future[RolloutBatch]":
+        """Start a rollout of ``prompts`` (token ids or data records, one group each) on the background loop;
+        returns its Future."""
         return asyncio.run_coroutine_threadsafe(self.sampler.rollout(prompts, group_ids), self._loop)
 
     def release_memory(self) -> None:

@@ -62,9 +62,10 @@ class Sampler:
     def worker_urls(self) -> tuple[str, ...]:
         return tuple(self.client.config.control_urls)
 
-    async def rollout(self, prompts: Sequence[Sequence[int]], group_ids: Optional[Sequence[int]] = None
+    async def rollout(self, prompts: Sequence, group_ids: Optional[Sequence[int]] = None
                       ) -> RolloutBatch:
         """``sampling.n`` samples for each prompt; group ``group_ids[i]`` (default ``i``) holds prompt i's.
+        A prompt is its token ids, or a data record with ``prompt_ids`` that its samples carry as ``prompt``.
 
         Raises :class:`RolloutError` naming the group if one cannot be generated (other groups are cancelled).
         """
@@ -77,11 +78,15 @@ class Sampler:
         progress = tqdm(total=len(prompts) * n, desc="rollout", unit="sample", disable=not self.config.show_progress)
         results: list[list[Sample]] = []
 
-        async def run_group(prompt: Sequence[int], group_id: int) -> None:
+        async def run_group(prompt, group_id: int) -> None:
             async with gate:
                 if self._aborted:
                     return
-                samples = await self._group(list(map(int, prompt)), group_id)
+                record = prompt if hasattr(prompt, "prompt_ids") else None
+                samples = await self._group(list(map(int, prompt if record is None else record.prompt_ids)),
+                                            group_id)
+                for sample in samples:
+                    sample.prompt = record
             results.append(samples)
             progress.update(len(samples))
 
@@ -175,7 +180,7 @@ class Sampler:
     async def flush_cache(self) -> None:
         await self.client.flush_cache()
 
-    def run(self, prompts: Sequence[Sequence[int]], group_ids: Optional[Sequence[int]] = None) -> RolloutBatch:
+    def run(self, prompts: Sequence, group_ids: Optional[Sequence[int]] = None) -> RolloutBatch:
         """:meth:`rollout` from synchronous code (runs its own event loop; closes the client's session)."""
         async def run_and_close() -> RolloutBatch:
             try:
@@ -200,6 +205,7 @@ def _extend(sample: Sample, more: Completion) -> Sample:
         sample,
         response_ids=sample.response_ids + list(more.output_ids),
         rollout_logprobs=sample.rollout_logprobs + list(more.output_logprobs),
+        loss_mask=sample.loss_mask + [1] * len(more.output_ids),
         finish_reason=more.finish_reason,
         weight_version=more.weight_version,
         weight_versions=spans,

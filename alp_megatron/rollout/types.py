@@ -1,24 +1,18 @@
 """What rollout produces and what the RL loop needs from a rollout engine.
 
-``Sample`` is the one record that flows from rollout to the loss: token ids, the rollout policy's
-per-token logprobs (ALP's denominator), how generation ended and which weights produced which tokens.
+A rollout's answer from the engine is a :class:`Completion`; the sampler turns it into the
+:class:`~alp_megatron.sample.Sample` record that every later stage reads (re-exported here).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
+from alp_megatron.sample import Sample, WeightSpan
+
 FINISH_REASONS = ("stop", "length", "abort")
-
-
-@dataclass(frozen=True)
-class WeightSpan:
-    """Output tokens ``[start, end)`` of a response were generated with weights labelled ``version``."""
-
-    version: str
-    start: int
-    end: int
+__all__ = ["Completion", "FINISH_REASONS", "RolloutBatch", "RolloutEngine", "Sample", "SamplingConfig", "WeightSpan"]
 
 
 @dataclass(frozen=True)
@@ -42,39 +36,6 @@ class Completion:
     @property
     def aborted(self) -> bool:
         return self.finish_reason == "abort"
-
-
-@dataclass
-class Sample:
-    """One response to one prompt, as the trainer consumes it.
-
-    ``rollout_logprobs[i]`` is the rollout policy's logprob of ``response_ids[i]``. ``weight_version``
-    is the version that produced the last token; ``weight_versions`` lists every span when an update
-    landed mid-response. ``aborted`` samples are partial and never count as complete.
-    ``reward`` and ``loss_mask`` are filled later in the loop.
-    """
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_logprobs: list[float]
-    finish_reason: str
-    weight_version: str
-    weight_versions: list[WeightSpan]
-    group_id: int
-    sample_index: int
-    aborted: bool = False
-    reward: Optional[float] = None
-    loss_mask: Optional[list[int]] = None
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def is_complete(self) -> bool:
-        """True for a finished (stop or length) response that training may use."""
-        return not self.aborted and self.finish_reason in ("stop", "length")
-
-    @property
-    def is_on_single_version(self) -> bool:
-        return len({span.version for span in self.weight_versions}) <= 1
 
 
 @dataclass(frozen=True)
@@ -171,9 +132,10 @@ class RolloutEngine(Protocol):
 
     worker_urls: tuple[str, ...]
 
-    async def rollout(self, prompts: Sequence[Sequence[int]], group_ids: Optional[Sequence[int]] = None
+    async def rollout(self, prompts: Sequence, group_ids: Optional[Sequence[int]] = None
                       ) -> RolloutBatch:
-        """``n`` samples for each prompt (a group per prompt)."""
+        """``n`` samples for each prompt (a group per prompt). A prompt is its token ids, or a data record
+        with ``prompt_ids`` (a :class:`~alp_megatron.data.prompts.Prompt`), which its samples then carry."""
         ...
 
     async def pause(self, mode: str = "abort") -> None:

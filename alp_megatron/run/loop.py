@@ -16,7 +16,7 @@ import torch.distributed as dist
 from alp_megatron.trainer.checkpoint import RunProgress, save_checkpoint
 from alp_megatron.trainer.distribute import distribute
 from alp_megatron.run.metrics import write_rollouts
-from alp_megatron.run.scoring import pack_training_batch, score_rollout
+from alp_megatron.run.scoring import score_rollout, training_batch
 from alp_megatron.run.build import RunState, build_run
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,12 @@ def _next_batch(state: RunState, step: int) -> list:
     """Global rank 0: the step's rollout, scored and packed into ``[TrainingBatch or None, metrics]``."""
     config = state.config
     rollout = state.schedule.next_rollout()
-    scored = score_rollout(rollout.batch, rollout.prompts, state.reward_fn, state.tokenizer,
-                           policy_version=state.weight_version)
-    batch = pack_training_batch(scored, config.reward.advantage == "grpo", state.divisible_by,
+    scored = score_rollout(rollout.batch, state.reward_fn, state.tokenizer, policy_version=state.weight_version)
+    batch = training_batch(scored, config.reward.advantage == "grpo", state.divisible_by,
                                 state.tokenizer.pad_token_id or 0, state.pad_to_multiple,
                                 state.policy.arch.max_position_embeddings, first_sample_id=step * 10**6)
     if config.metrics.save_rollouts and batch is not None:
-        write_rollouts(config.run.output_dir, step, scored.samples[:batch.size], batch)
+        write_rollouts(config.run.output_dir, step, scored.samples)
     return [batch, {**scored.metrics, "time_rollout": rollout.seconds}]
 
 

@@ -92,19 +92,20 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def write_rollouts(output_dir: str, step: int, samples: list, batch) -> str:
+def write_rollouts(output_dir: str, step: int, samples: list) -> str:
     """Write the samples of step ``step`` that the trainer trains on, one JSON object per line (``sample_id``,
     ``group_id``, ``prompt_ids``, ``response_ids``, ``rollout_logprobs`` (the engine's, one per response token),
-    ``reward``, ``advantage``, ``finish_reason``, ``weight_versions``), to ``<output_dir>/rollouts/``
-    atomically. ``samples[i]`` is row ``i`` of the training ``batch``. Returns the file's path."""
+    ``loss_mask``, ``reward``, ``advantage``, ``finish_reason``, ``weight_versions``), to
+    ``<output_dir>/rollouts/`` atomically. Returns the file's path."""
     path = os.path.join(output_dir, "rollouts", f"step_{step:08d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lines = []
-    for sample, sample_id, advantage in zip(samples, batch.sample_ids.tolist(), batch.advantages.tolist()):
+    for sample in samples:
         lines.append(json.dumps({
-            "sample_id": sample_id, "group_id": sample.group_id, "prompt_ids": list(sample.prompt_ids),
+            "sample_id": sample.sample_id, "group_id": sample.group_id, "prompt_ids": list(sample.prompt_ids),
             "response_ids": list(sample.response_ids), "rollout_logprobs": list(sample.rollout_logprobs),
-            "reward": sample.reward, "advantage": advantage, "finish_reason": sample.finish_reason,
+            "loss_mask": list(sample.loss_mask), "reward": sample.reward, "advantage": sample.advantage,
+            "finish_reason": sample.finish_reason,
             "weight_versions": [span.version for span in sample.weight_versions] or [sample.weight_version],
         }) + "\n")
     write_text_atomically(path, "".join(lines))

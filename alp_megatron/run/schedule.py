@@ -19,8 +19,7 @@ from alp_megatron.rollout.types import RolloutBatch
 
 @dataclass
 class Rollout:
-    batch: RolloutBatch
-    prompts: dict  # group id -> data Prompt
+    batch: RolloutBatch  # each sample carries its data Prompt
     seconds: float  # wall time the trainer waited for it (all of it when synchronous)
 
 
@@ -47,16 +46,16 @@ class Synchronous:
         self.next_group_id = first_group_id
         self.colocated = colocated
 
-    def _submit(self) -> tuple[Future, dict]:
+    def _submit(self) -> Future:
         prompts = self.prompt_batches.next_batch()
         ids = list(range(self.next_group_id, self.next_group_id + len(prompts)))
         self.next_group_id += len(prompts)
-        return self.engines.submit([p.prompt_ids for p in prompts], ids), dict(zip(ids, prompts))
+        return self.engines.submit(prompts, ids)
 
     def next_rollout(self) -> Rollout:
         start = time.perf_counter()
-        future, prompts = self._submit()
-        return Rollout(future.result(), prompts, time.perf_counter() - start)
+        batch = self._submit().result()
+        return Rollout(batch, time.perf_counter() - start)
 
     def resume_state(self) -> dict:
         """What a checkpoint taken after this step must hold to continue with the same prompts."""
@@ -80,20 +79,20 @@ class Synchronous:
 class OneStepOff(Synchronous):
     def __init__(self, engines, prompt_batches, first_group_id: int):
         super().__init__(engines, prompt_batches, first_group_id, colocated=False)
-        self._pending: Optional[tuple[Future, dict]] = None
+        self._pending: Optional[Future] = None
         self._state_before_pending: Optional[dict] = None
 
     def next_rollout(self) -> Rollout:
         start = time.perf_counter()
-        future, prompts = self._pending if self._pending is not None else self._submit()
+        future = self._pending if self._pending is not None else self._submit()
         batch = future.result()
         self._pending = None
         self._state_before_pending = super().resume_state()
         self._pending = self._submit()  # step k+1's rollout overlaps step k's training
-        return Rollout(batch, prompts, time.perf_counter() - start)
+        return Rollout(batch, time.perf_counter() - start)
 
     def before_sync(self) -> None:
-        self._pending[0].result()  # finish it on the old weights before they change
+        self._pending.result()  # finish it on the old weights before they change
 
     def resume_state(self) -> dict:
         # the prefetched rollout is not in the checkpoint: a resumed run draws its prompts again
@@ -101,4 +100,4 @@ class OneStepOff(Synchronous):
 
     def close(self) -> None:
         if self._pending is not None:
-            self._pending[0].cancel()
+            self._pending.cancel()

@@ -1,13 +1,14 @@
-"""From a rollout to a training batch: rewards, group advantages, staleness, packing.
+"""From a rollout to a training batch: rewards, group advantages, global sample ids, staleness.
 
-Runs on global rank 0 (the rewards read decoded text); the resulting batch is broadcast to every rank.
+Runs on global rank 0 (the rewards read decoded text), filling in each :class:`Sample` record; the batch made
+from the records goes to each data-parallel rank's share (:mod:`alp_megatron.trainer.distribute`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -33,9 +34,8 @@ class ScoredRollout:
     metrics: dict
 
 
-def score_rollout(rollout: RolloutBatch, prompts: dict[int, Any], reward_fn, tokenizer,
-                  policy_version: int) -> ScoredRollout:
-    """Reward every complete group's samples; ``prompts[group_id]`` is the data ``Prompt`` of that group.
+def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: int) -> ScoredRollout:
+    """Reward every complete group's samples from the data ``Prompt`` each sample carries.
 
     Aborted or incomplete groups are dropped (and counted). ``policy_version`` is the version of the
     weights about to be trained: a sample's staleness is that minus the version that generated it.
@@ -48,7 +48,10 @@ def score_rollout(rollout: RolloutBatch, prompts: dict[int, Any], reward_fn, tok
     samples = [s for group in groups for s in group]
     rewards, lengths, staleness, eos = [], [], [], []
     for sample in samples:
-        prompt = prompts[sample.group_id]
+        prompt = sample.prompt
+        if prompt is None:
+            raise ValueError(f"sample {sample.sample_index} of group {sample.group_id} carries no data prompt; "
+                             "roll out data records (Prompt), not bare token ids, to score them")
         text = tokenizer.decode(sample.response_ids, skip_special_tokens=False)
         try:
             sample.reward = compute_reward(reward_fn, prompt.prompt_text, text, prompt.label, dict(prompt.metadata))
@@ -75,11 +78,13 @@ def score_rollout(rollout: RolloutBatch, prompts: dict[int, Any], reward_fn, tok
     return ScoredRollout(samples=samples, group_size=rollout.group_size, metrics=metrics)
 
 
-def pack_training_batch(scored: ScoredRollout, std_normalize: bool, divisible_by: int, pad_id: int,
-                        pad_to_multiple: int = 1, max_length: Optional[int] = None,
-                        first_sample_id: int = 0) -> Optional[TrainingBatch]:
-    """GRPO advantages per group and the padded batch; whole groups are dropped from the end until the
-    sample count divides ``divisible_by`` (mini-batches x data-parallel ranks x micro-batch). None if empty."""
+def training_batch(scored: ScoredRollout, std_normalize: bool, divisible_by: int, pad_id: int,
+                   pad_to_multiple: int = 1, max_length: Optional[int] = None,
+                   first_sample_id: int = 0) -> Optional[TrainingBatch]:
+    """GRPO advantages per group and global ids (from ``first_sample_id``), set on the samples, and the
+    samples as a :class:`TrainingBatch`; whole groups are dropped from the end until the sample count divides
+    ``divisible_by`` (mini-batches x data-parallel ranks x micro-batch). None if empty. ``scored.samples``
+    is cut to the samples trained on."""
     n = scored.group_size
     keep = len(scored.samples)
     while keep and keep % divisible_by:
@@ -87,13 +92,12 @@ def pack_training_batch(scored: ScoredRollout, std_normalize: bool, divisible_by
     if keep < len(scored.samples):
         logger.warning("training on %d of %d samples: the count must be a multiple of %d", keep,
                        len(scored.samples), divisible_by)
-    samples: Sequence[Sample] = scored.samples[:keep]
-    if not samples:
+    scored.samples = scored.samples[:keep]
+    if not scored.samples:
         return None
-    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    rewards = torch.tensor([s.reward for s in scored.samples], dtype=torch.float32)
     advantages = grpo_advantages(rewards, group_size=n, std_normalize=std_normalize)
-    return build_training_batch(
-        [s.prompt_ids for s in samples], [s.response_ids for s in samples], [s.rollout_logprobs for s in samples],
-        advantages.tolist(), list(range(first_sample_id, first_sample_id + len(samples))),
-        pad_id=pad_id, pad_to_multiple=pad_to_multiple, max_length=max_length,
-    )
+    for i, (sample, advantage) in enumerate(zip(scored.samples, advantages.tolist())):
+        sample.advantage, sample.sample_id = advantage, first_sample_id + i
+    return build_training_batch(scored.samples, pad_id=pad_id, pad_to_multiple=pad_to_multiple,
+                                max_length=max_length)

@@ -2,38 +2,46 @@
 
 Position ``t`` of a sequence predicts token ``t + 1``. A response token at absolute index ``P + j`` (``P``
 prompt tokens) is therefore scored at position ``P + j - 1``: that is where its rollout logprob, its loss
-mask and (after the forward) its trainer logprob live. Every rank builds the same batch from the same
-samples; splitting into mini-/micro-batches and data-parallel shares happens in :mod:`trainer.actor`, and
-this module makes the micro-batches: rows of the padded batch, or samples packed by a token budget
-(:func:`plan_micro_batches`, :func:`packed_micro_batch`).
+mask and (after the forward) its trainer logprob live. :func:`build_training_batch` is the one place
+:class:`~alp_megatron.sample.Sample` records become tensors (on global rank 0); which samples each
+data-parallel rank trains on is :func:`share_indices`, and this module makes the micro-batches from its
+share: rows of the padded batch, or samples packed by a token budget (:func:`plan_micro_batches`,
+:func:`packed_micro_batch`). Nothing else reshapes a sample.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
 import torch
 
 from alp_megatron.errors import AlpError
+from alp_megatron.sample import Sample
+
+
+EXTRA_PREFIX = "extra."
+"""A per-token extra ``name`` travels in a micro-batch dict as ``EXTRA_PREFIX + name``."""
 
 
 @dataclass
 class TrainingBatch:
     """``N`` sequences, padded to ``S``. ``targets``, ``loss_mask``, ``rollout_logprobs``: ``[N, S]``
-    aligned with the predicting position; ``advantages``, ``sample_ids``: ``[N]``."""
+    aligned with the predicting position; ``advantages``, ``sample_ids``: ``[N]``; ``extras``: per-token
+    extras ``[N, S, ...]`` aligned with ``tokens`` (zero past a sample's end)."""
 
     tokens: torch.Tensor  # [N, S] int64
     targets: torch.Tensor  # [N, S] int64, tokens shifted left (pad at the end)
     position_ids: torch.Tensor  # [N, S]
-    loss_mask: torch.Tensor  # [N, S] float32, 1 where the target is a response token
+    loss_mask: torch.Tensor  # [N, S] float32, 1 where the target is a token the policy produced
     rollout_logprobs: torch.Tensor  # [N, S] float32, the engine's logprob of the target (0 elsewhere)
     advantages: torch.Tensor  # [N] float32
     sample_ids: torch.Tensor  # [N] int64, global ids keying the ALP noise
     lengths: torch.Tensor  # [N] int64, prompt + response tokens (the rest of the row is padding)
     old_logprobs: Optional[torch.Tensor] = None  # [N, S], the trainer's unperturbed logprobs, once computed
     ref_logprobs: Optional[torch.Tensor] = None  # [N, S], the KL reference model's logprobs, once computed
+    extras: dict = field(default_factory=dict)  # name -> [N, S, ...]
 
     @property
     def size(self) -> int:
@@ -46,56 +54,39 @@ class TrainingBatch:
     def select(self, index) -> "TrainingBatch":
         """The sequences ``index`` (a slice or an index tensor) of every field."""
         return TrainingBatch(**{
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)
-        })
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in _TENSOR_FIELDS
+        }, extras={name: value[index] for name, value in self.extras.items()})
 
     def as_micro_batch(self) -> dict:
         """The dict a Megatron forward step and the loss function read."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        micro = {f.name: getattr(self, f.name) for f in _TENSOR_FIELDS if getattr(self, f.name) is not None}
+        micro.update({EXTRA_PREFIX + name: value for name, value in self.extras.items()})
+        return micro
 
 
-def build_training_batch(
-    prompt_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]],
-    rollout_logprobs: Sequence[Sequence[float]],
-    advantages: Sequence[float],
-    sample_ids: Sequence[int],
-    pad_id: int = 0,
-    pad_to_multiple: int = 1,
-    max_length: Optional[int] = None,
-) -> TrainingBatch:
-    """Pack ``N`` samples (prompt + response) into a :class:`TrainingBatch`.
+_TENSOR_FIELDS = tuple(f for f in fields(TrainingBatch) if f.name != "extras")
+
+
+def build_training_batch(samples: Sequence[Sample], pad_id: int = 0, pad_to_multiple: int = 1,
+                         max_length: Optional[int] = None) -> TrainingBatch:
+    """The one place :class:`~alp_megatron.rollout.types.Sample` records become tensors: ``N`` scored samples
+    (prompt + response, ``advantage`` and ``sample_id`` set) as a :class:`TrainingBatch`.
 
     Sequences are right-padded with ``pad_id`` to the longest one, rounded up to ``pad_to_multiple`` (the
-    tensor-parallel size under sequence parallelism, for example). ``rollout_logprobs[i]`` has one entry per
-    response token. A sample longer than ``max_length`` or with mismatched lengths is an error naming it.
+    tensor-parallel size under sequence parallelism, for example). A response token's loss mask and rollout
+    logprob sit at the position that predicts it; a sample's ``extras`` (one row per token) are stacked per
+    name. A sample longer than ``max_length``, or whose per-token fields disagree in length, is an error
+    naming it; nothing is truncated.
     """
-    count = len(prompt_ids)
-    for name, values in (("response_ids", response_ids), ("rollout_logprobs", rollout_logprobs),
-                         ("advantages", advantages), ("sample_ids", sample_ids)):
-        if len(values) != count:
-            raise AlpError(f"training batch: {count} prompts but {len(values)} {name}; one per sample is required")
-    lengths = []
-    for i, (prompt, response, logprobs) in enumerate(zip(prompt_ids, response_ids, rollout_logprobs)):
-        if len(prompt) == 0:
-            raise AlpError(f"training batch: sample {i} (id {sample_ids[i]}) has an empty prompt")
-        if len(logprobs) != len(response):
-            raise AlpError(
-                f"training batch: sample {i} (id {sample_ids[i]}) has {len(response)} response tokens but "
-                f"{len(logprobs)} rollout logprobs; the engine must return one logprob per generated token"
-            )
-        bad = [j for j, value in enumerate(logprobs) if not math.isfinite(value)]
-        if bad:
-            raise AlpError(
-                f"training batch: sample {i} (id {sample_ids[i]}) has non-finite rollout logprobs at response "
-                f"positions {bad[:5]}"
-            )
-        lengths.append(len(prompt) + len(response))
+    count = len(samples)
+    if not count:
+        raise AlpError("training batch: no samples")
+    lengths = [_check_sample(i, sample) for i, sample in enumerate(samples)]
     longest = max(lengths)
     if max_length is not None and longest > max_length:
         worst = lengths.index(longest)
         raise AlpError(
-            f"training batch: sample {worst} (id {sample_ids[worst]}) has {longest} tokens, more than the "
+            f"training batch: sample {worst} (id {samples[worst].sample_id}) has {longest} tokens, more than the "
             f"model's {max_length}; lower rollout.max_new_tokens or the prompt length"
         )
     seq_length = -(-longest // pad_to_multiple) * pad_to_multiple
@@ -103,11 +94,23 @@ def build_training_batch(
     tokens = torch.full((count, seq_length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((count, seq_length), dtype=torch.float32)
     aligned_logprobs = torch.zeros((count, seq_length), dtype=torch.float32)
-    for i, (prompt, response, logprobs) in enumerate(zip(prompt_ids, response_ids, rollout_logprobs)):
-        start, end = len(prompt), len(prompt) + len(response)
-        tokens[i, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
-        loss_mask[i, start - 1 : end - 1] = 1.0
-        aligned_logprobs[i, start - 1 : end - 1] = torch.tensor(list(logprobs), dtype=torch.float32)
+    extras = {name: torch.zeros((count, seq_length, *value.shape[1:]), dtype=value.dtype)
+              for name, value in _extras_of(samples[0]).items()}
+    for i, sample in enumerate(samples):
+        start, end = len(sample.prompt_ids), sample.length
+        tokens[i, :end] = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids), dtype=torch.long)
+        loss_mask[i, start - 1 : end - 1] = torch.tensor(list(sample.loss_mask), dtype=torch.float32)
+        aligned_logprobs[i, start - 1 : end - 1] = torch.tensor(list(sample.rollout_logprobs), dtype=torch.float32)
+        mine = _extras_of(sample)
+        if mine.keys() != extras.keys():
+            raise AlpError(f"training batch: sample {i} (id {sample.sample_id}) has extras {sorted(mine)}, sample 0 "
+                           f"has {sorted(extras)}; every sample of a batch carries the same per-token extras")
+        for name, value in mine.items():
+            if value.shape[1:] != extras[name].shape[2:] or value.dtype != extras[name].dtype:
+                raise AlpError(f"training batch: sample {i} (id {sample.sample_id}) has extra {name!r} of "
+                               f"{value.dtype} {tuple(value.shape)}, sample 0 of {extras[name].dtype} "
+                               f"[*, {', '.join(map(str, extras[name].shape[2:]))}]")
+            extras[name][i, :end] = value
     targets = torch.full_like(tokens, pad_id)
     targets[:, :-1] = tokens[:, 1:]
     return TrainingBatch(
@@ -116,10 +119,45 @@ def build_training_batch(
         position_ids=torch.arange(seq_length).expand(count, -1).contiguous(),
         loss_mask=loss_mask,
         rollout_logprobs=aligned_logprobs,
-        advantages=torch.as_tensor(list(advantages), dtype=torch.float32),
-        sample_ids=torch.as_tensor(list(sample_ids), dtype=torch.long),
+        advantages=torch.tensor([_required(i, s, "advantage") for i, s in enumerate(samples)], dtype=torch.float32),
+        sample_ids=torch.tensor([_required(i, s, "sample_id") for i, s in enumerate(samples)], dtype=torch.long),
         lengths=torch.as_tensor(lengths, dtype=torch.long),
+        extras=extras,
     )
+
+
+def _check_sample(i: int, sample: Sample) -> int:
+    """Sample ``i``'s length, once its per-token fields are consistent; an error naming it otherwise."""
+    name = f"training batch: sample {i} (id {sample.sample_id})"
+    if len(sample.prompt_ids) == 0:
+        raise AlpError(f"{name} has an empty prompt")
+    response = len(sample.response_ids)
+    if len(sample.rollout_logprobs) != response:
+        raise AlpError(f"{name} has {response} response tokens but {len(sample.rollout_logprobs)} rollout "
+                       "logprobs; the engine must return one logprob per generated token")
+    if len(sample.loss_mask) != response or any(m not in (0, 1) for m in sample.loss_mask):
+        raise AlpError(f"{name} has a loss mask of {len(sample.loss_mask)} values for {response} response tokens; "
+                       "it must hold one 0 or 1 per response token (1 where the policy produced it)")
+    bad = [j for j, value in enumerate(sample.rollout_logprobs) if not math.isfinite(value)]
+    if bad:
+        raise AlpError(f"{name} has non-finite rollout logprobs at response positions {bad[:5]}")
+    for extra, value in _extras_of(sample).items():
+        if value.dim() == 0 or value.shape[0] != sample.length:
+            raise AlpError(f"{name} has extra {extra!r} of shape {tuple(value.shape)}; it needs one row per token "
+                           f"of prompt and response ({sample.length})")
+    return sample.length
+
+
+def _extras_of(sample: Sample) -> dict[str, torch.Tensor]:
+    return {name: torch.as_tensor(value) for name, value in sample.extras.items()}
+
+
+def _required(i: int, sample: Sample, field_name: str):
+    value = getattr(sample, field_name)
+    if value is None:
+        raise AlpError(f"training batch: sample {i} has no {field_name}; score the rollout first "
+                       "(alp_megatron.run.scoring.training_batch sets it)")
+    return value
 
 
 # -- packed micro-batches ------------------------------------------------------------------------------------
@@ -242,7 +280,8 @@ def packed_micro_batch(batch: TrainingBatch, indices: Sequence[int], pad_to_mult
     stays per sample, cut to the longest of them (``L``): ``loss_mask``, ``rollout_logprobs`` (and
     ``old_logprobs`` / ``ref_logprobs`` once computed) ``[n, L]``, ``advantages`` ``[n]``, and
     ``unpack_index`` ``[n, L]``, where sample ``i``'s position ``j`` sits in the packed row (positions past a
-    sample's end point at its last token; the loss mask is 0 there). ``rows``: ``indices``.
+    sample's end point at its last token; the loss mask is 0 there). ``rows``: ``indices``. Each per-token
+    extra is packed like the tokens, ``[1, T, ...]``, under ``EXTRA_PREFIX + name``.
     """
     rows = torch.as_tensor(list(indices), dtype=torch.long)
     lengths = batch.lengths[rows]
@@ -264,6 +303,11 @@ def packed_micro_batch(batch: TrainingBatch, indices: Sequence[int], pad_to_mult
     micro = {"tokens": tokens, "position_ids": positions, "packed_targets": targets, "lengths": lengths,
              "sample_ids": batch.sample_ids[rows], "advantages": batch.advantages[rows], "unpack_index": unpack_index,
              "rows": rows}
+    for name, value in batch.extras.items():  # per token, packed like the tokens: [1, T, ...]
+        packed = value.new_zeros((1, size, *value.shape[2:]))
+        for row, start, length in zip(rows.tolist(), starts.tolist(), lengths.tolist()):
+            packed[0, start : start + length] = value[row, :length]
+        micro[EXTRA_PREFIX + name] = packed
     for name in LOSS_FIELDS:
         value = getattr(batch, name)
         if value is not None:

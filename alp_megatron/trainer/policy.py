@@ -101,11 +101,11 @@ class Policy:
 
         from alp_megatron.alp.perturbation import alp_disabled
         from alp_megatron.model.logprobs import token_logprobs
+        from alp_megatron.sample import Sample
         from alp_megatron.trainer.batch import build_training_batch
 
-        batch = build_training_batch([s[:1] for s in sequences], [s[1:] for s in sequences],
-                                     [[0.0] * (len(s) - 1) for s in sequences], [0.0] * len(sequences),
-                                     list(range(len(sequences))))
+        batch = build_training_batch([Sample.given(s[:1], s[1:], [0.0] * (len(s) - 1), 0.0, i)
+                                      for i, s in enumerate(sequences)])
         micro = batch.as_micro_batch()
 
         def forward_step(data_iterator, model):

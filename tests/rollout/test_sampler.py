@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from alp_megatron.data.prompts import Prompt
 from alp_megatron.rollout.client import RolloutClient
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.sampler import Sampler, SamplerConfig
@@ -28,12 +29,16 @@ def slowed_server(rollout_server, model_dirs):
 def test_groups_have_n_samples_with_ids_logprobs_and_versions(client_config):
     sampler = Sampler(RolloutClient(client_config),
                       SamplerConfig(SamplingConfig(n=3, max_new_tokens=10, stop_token_ids=(7,)), show_progress=False))
-    batch = sampler.run(PROMPTS, group_ids=[11, 12])
+    record = Prompt(prompt_ids=tuple(PROMPTS[0]), prompt_text="", label=None, metadata={}, index=0,
+                    source="/data/train.jsonl", row=1)
+    batch = sampler.run([record, PROMPTS[1]], group_ids=[11, 12])  # a data record, or bare token ids
     groups = batch.groups()
     assert sorted(groups) == [11, 12] and all(len(group) == 3 for group in groups.values())
     for sample in batch.samples:
         assert sample.prompt_ids == PROMPTS[sample.group_id - 11]
+        assert sample.prompt is (record if sample.group_id == 11 else None)  # the record travels with its samples
         assert 1 <= len(sample.response_ids) == len(sample.rollout_logprobs) <= 10
+        assert sample.loss_mask == [1] * len(sample.response_ids) and sample.status in ("complete", "truncated")
         stopped = sample.response_ids[-1] in (7, 2)  # the stop token or eos; it may fall on the 10th token
         assert sample.finish_reason == ("stop" if stopped else "length")
         assert stopped or len(sample.response_ids) == 10
@@ -69,7 +74,7 @@ def test_weight_update_mid_rollout_is_recorded_in_version_spans(mode, client_con
     batch = asyncio.run(scenario())
     assert len(batch.complete_groups()) == len(PROMPTS)
     for sample in batch.samples:
-        assert len(sample.response_ids) == len(sample.rollout_logprobs) == tokens
+        assert len(sample.response_ids) == len(sample.rollout_logprobs) == len(sample.loss_mask) == tokens
         old, new = sample.weight_versions
         assert old.version == "v0" and new.version == new_version
         assert old.start == 0 and 0 < old.end == new.start and new.end == tokens

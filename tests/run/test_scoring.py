@@ -5,7 +5,7 @@ import pytest
 from alp_megatron.data.prompts import Prompt
 from alp_megatron.rewards import RewardError, exact_match_reward
 from alp_megatron.rollout.types import RolloutBatch, Sample, WeightSpan
-from alp_megatron.run.scoring import score_rollout
+from alp_megatron.run.scoring import score_rollout, training_batch
 
 
 class Characters:
@@ -20,16 +20,34 @@ def prompt(label, row):
                   source="/data/train.jsonl", row=row)
 
 
-def sample(group_id, index):
-    return Sample(prompt_ids=[49], response_ids=[52, 51], rollout_logprobs=[-0.1, -0.2], finish_reason="stop",
-                  weight_version="v1", weight_versions=[WeightSpan(version="v1", start=0, end=2)],
-                  group_id=group_id, sample_index=index)
+def sample(group_id, index, record, response=(52, 51)):
+    return Sample(prompt_ids=[49], response_ids=list(response), rollout_logprobs=[-0.1] * len(response),
+                  finish_reason="stop", weight_version="v1",
+                  weight_versions=[WeightSpan(version="v1", start=0, end=len(response))],
+                  group_id=group_id, sample_index=index, prompt=record)
 
 
-def test_scores_each_sample_and_a_bad_label_names_its_row():
-    rollout = RolloutBatch(samples=[sample(0, 0), sample(0, 1), sample(1, 0), sample(1, 1)], group_size=2,
-                           group_ids=[0, 1])
-    scored = score_rollout(rollout, {0: prompt("43", 7), 1: prompt("12", 8)}, exact_match_reward, Characters(), 1)
-    assert [s.reward for s in scored.samples] == [1.0, 1.0, 0.0, 0.0]
+def rollout(first, second):
+    samples = [sample(0, 0, first), sample(0, 1, first, (52, 50)), sample(1, 0, second), sample(1, 1, second)]
+    return RolloutBatch(samples=samples, group_size=2, group_ids=[0, 1])
+
+
+def test_scores_each_sample_from_the_prompt_it_carries_and_a_bad_label_names_its_row():
+    scored = score_rollout(rollout(prompt("43", 7), prompt("12", 8)), exact_match_reward, Characters(), 1)
+    assert [s.reward for s in scored.samples] == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(RewardError, match=r"^/data/train.jsonl, row 8: a toy-task label must be"):
-        score_rollout(rollout, {0: prompt("43", 7), 1: prompt(None, 8)}, exact_match_reward, Characters(), 1)
+        score_rollout(rollout(prompt("43", 7), prompt(None, 8)), exact_match_reward, Characters(), 1)
+    with pytest.raises(ValueError, match="sample 0 of group 1 carries no data prompt"):
+        score_rollout(rollout(prompt("43", 7), None), exact_match_reward, Characters(), 1)
+
+
+def test_the_training_batch_is_made_from_the_scored_records():
+    scored = score_rollout(rollout(prompt("43", 7), prompt("12", 8)), exact_match_reward, Characters(), 1)
+    batch = training_batch(scored, std_normalize=False, divisible_by=2, pad_id=0, first_sample_id=500)
+    assert [s.sample_id for s in scored.samples] == [500, 501, 502, 503] == batch.sample_ids.tolist()
+    assert [s.advantage for s in scored.samples] == [0.5, -0.5, 0.0, 0.0] == batch.advantages.tolist()
+    assert batch.tokens[1].tolist() == [49, 52, 50]
+    scored.samples[0].loss_mask = [1, 0]  # a token the policy did not produce stays out of the loss
+    assert training_batch(scored, False, 2, 0).loss_mask[0].tolist() == [1, 0, 0]
+    # whole groups are dropped until the count divides: 4 samples, divisible by 8 -> none left
+    assert training_batch(scored, False, 8, 0) is None and scored.samples == []

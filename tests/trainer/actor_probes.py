@@ -10,6 +10,7 @@ import torch
 from alp_megatron.alp.loss import LossConfig
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.trainer.actor import Actor, ActorConfig
+from alp_megatron.sample import Sample
 from alp_megatron.trainer.batch import build_training_batch
 from alp_megatron.alp.perturbation import PerturbationConfig
 from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, log_sigma_parameters, wrap_ddp
@@ -19,9 +20,11 @@ SAMPLES = 8
 PROMPT = 4
 
 
-def rollout_batch(seed: int, vocab: int, poison_advantages: bool = False, varied: bool = False):
+def rollout_batch(seed: int, vocab: int, poison_advantages: bool = False, varied: bool = False,
+                  tool_shift: Optional[float] = None):
     """8 samples with responses of different lengths, near-uniform rollout logprobs, GRPO-like advantages
-    (``varied``: the second half 3 tokens longer, so the two mini-batches' lengths differ)."""
+    (``varied``: the second half 3 tokens longer, so the two mini-batches' lengths differ; ``tool_shift``:
+    every fourth response token (from the second) a tool's, loss mask 0, its rollout logprob moved by that)."""
     gen = torch.Generator().manual_seed(seed)
     prompts, responses, logprobs = [], [], []
     for i in range(SAMPLES):
@@ -32,7 +35,12 @@ def rollout_batch(seed: int, vocab: int, poison_advantages: bool = False, varied
     advantages = torch.randn(SAMPLES, generator=gen).tolist()
     if poison_advantages:
         advantages[3] = float("nan")
-    return build_training_batch(prompts, responses, logprobs, advantages, list(range(seed * 100, seed * 100 + SAMPLES)))
+    masks = [None] * SAMPLES
+    if tool_shift is not None:
+        masks = [[int(j % 4 != 1) for j in range(len(r))] for r in responses]
+        logprobs = [[v + (tool_shift if j % 4 == 1 else 0.0) for j, v in enumerate(lp)] for lp in logprobs]
+    return build_training_batch([Sample.given(p, r, lp, a, seed * 100 + i, loss_mask=m) for i, (p, r, lp, a, m)
+                                 in enumerate(zip(prompts, responses, logprobs, advantages, masks))])
 
 
 def local_parameter_sum(chunks) -> float:
@@ -57,9 +65,11 @@ def mismatch_k3_by_hand(model, batch) -> float:
 def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_second: bool = False,
               epochs: int = 1, alp: PerturbationConfig = ALP, sigma: Optional[float] = None,
               max_tokens: Optional[int] = None, architecture: str = "LlamaForCausalLM",
-              model: ModelConfig = ModelConfig(), distributed_optimizer: bool = False, varied: bool = False) -> dict:
+              model: ModelConfig = ModelConfig(), distributed_optimizer: bool = False, varied: bool = False,
+              tool_shift: Optional[float] = None) -> dict:
     """``alp``: the perturbation (``enabled=False`` for the baselines); ``sigma``: every layer's sigma at the
-    start, instead of the reference weights' own; ``max_tokens``: packed micro-batches of that budget."""
+    start, instead of the reference weights' own; ``max_tokens``: packed micro-batches of that budget;
+    ``varied``, ``tool_shift``: see :func:`rollout_batch`."""
     layout = Layout("actor", architecture, parallel=parallel, model=model, alp=alp)
     chunks = build(layout)
     load_reference(chunks, reference_dir)
@@ -76,7 +86,8 @@ def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_
     reports, sums, k3_by_hand = [], [], []
     for seed in (1, 2, 3):
         before = local_parameter_sum(chunks)
-        batch = rollout_batch(seed, vocab, poison_advantages=poison_second and seed == 2, varied=varied)
+        batch = rollout_batch(seed, vocab, poison_advantages=poison_second and seed == 2, varied=varied,
+                              tool_shift=tool_shift)
         if len(chunks) == 1 and parallel == ParallelConfig():
             k3_by_hand.append(mismatch_k3_by_hand(chunks[0], batch))
         report = actor.train(batch)

@@ -7,8 +7,6 @@ import math
 import pytest
 
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
-from alp_megatron.trainer.batch import build_training_batch
-from alp_megatron.errors import AlpError
 from tests.distributed import run_ranks
 from tests.model.layouts import ALP, Layout, save_reference
 from tests.trainer.actor_probes import run_actor
@@ -120,6 +118,18 @@ def test_packed_moe_trains_as_padded_also_under_expert_parallelism(moe_reference
         _assert_same_training(result, padded, "moe_ep2", loss_abs=1e-6)
 
 
+def test_tokens_out_of_the_loss_mask_change_nothing(reference_dir, single_rank):
+    """Tokens the policy did not produce (a tool's output: loss mask 0 in the Sample) train, packed, as if
+    their rollout logprobs were anything; and masking them changes training."""
+    runs = [run_ranks(1, functools.partial(run_actor, max_tokens="auto", tool_shift=shift), ParallelConfig(),
+                      reference_dir, "alp_seq")[0] for shift in (0.0, 4.0)]
+    _assert_same_training(runs[1], runs[0], "tool tokens' logprobs moved")
+    tokens = sum(6 + (i % 4) * 2 for i in range(8))
+    assert runs[0]["reports"][0]["metrics"]["response_tokens"] == tokens - sum(
+        len(range(1, 6 + (i % 4) * 2, 4)) for i in range(8))
+    assert runs[0]["reports"][0]["losses"] != pytest.approx(single_rank["reports"][0]["losses"], rel=1e-3)
+
+
 def test_epochs_repeat_the_mini_batches(reference_dir, single_rank):
     result = run_ranks(1, run_actor, ParallelConfig(), reference_dir, "alp_seq", False, 2)[0]
     assert result["optimizer_steps"] == 12
@@ -171,21 +181,3 @@ def test_non_finite_step_is_skipped_and_reported(reference_dir, single_rank):
     before, after = result["parameter_sums"][1]
     assert math.isfinite(after) and after != before  # the second, finite mini-batch was applied
     assert all(math.isfinite(g) for g in result["reports"][2]["grad_norms"])
-
-
-def test_training_batch_alignment():
-    batch = build_training_batch([[5, 6, 7]], [[8, 9]], [[-0.5, -0.25]], [1.0], [42], pad_id=0, pad_to_multiple=4)
-    assert batch.tokens.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
-    assert batch.targets.tolist() == [[6, 7, 8, 9, 0, 0, 0, 0]]
-    # position 2 predicts token 8 (the first response token), position 3 predicts 9
-    assert batch.loss_mask.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0]]
-    assert batch.rollout_logprobs.tolist() == [[0, 0, -0.5, -0.25, 0, 0, 0, 0]]
-
-
-def test_training_batch_rejects_bad_samples():
-    with pytest.raises(AlpError, match="sample 0 .id 7. has 2 response tokens but 1 rollout logprobs"):
-        build_training_batch([[1]], [[2, 3]], [[-1.0]], [0.0], [7])
-    with pytest.raises(AlpError, match="non-finite rollout logprobs"):
-        build_training_batch([[1]], [[2]], [[float("-inf")]], [0.0], [7])
-    with pytest.raises(AlpError, match="more than the model's 2"):
-        build_training_batch([[1, 2]], [[3]], [[-1.0]], [0.0], [7], max_length=2)

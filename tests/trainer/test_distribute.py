@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from alp_megatron.model.provider import ParallelConfig
+from alp_megatron.sample import Sample
 from alp_megatron.trainer.actor import ActorConfig
 from alp_megatron.trainer.batch import build_training_batch, share_indices
 from alp_megatron.trainer.distribute import flatten, unflatten
@@ -20,8 +21,12 @@ def _batch():
     prompts = [torch.randint(1, 90, (3,), generator=gen).tolist() for _ in LENGTHS]
     responses = [torch.randint(1, 90, (n,), generator=gen).tolist() for n in LENGTHS]
     logprobs = [(-torch.rand(n, generator=gen)).tolist() for n in LENGTHS]
-    return build_training_batch(prompts, responses, logprobs, torch.randn(len(LENGTHS), generator=gen).tolist(),
-                                [50 + i for i in range(len(LENGTHS))])
+    advantages = torch.randn(len(LENGTHS), generator=gen).tolist()
+    masks = [[int(j % 5 != 2) for j in range(n)] for n in LENGTHS]  # every fifth token a tool's
+    routes = [torch.randint(0, 8, (3 + n, 2, 3), generator=gen, dtype=torch.int16) for n in LENGTHS]
+    return build_training_batch([Sample.given(p, r, lp, a, 50 + i, loss_mask=m, extras={"routes": e})
+                                 for i, (p, r, lp, a, m, e)
+                                 in enumerate(zip(prompts, responses, logprobs, advantages, masks, routes))])
 
 
 def test_flatten_then_unflatten_gives_back_every_real_token():
@@ -37,6 +42,9 @@ def test_flatten_then_unflatten_gives_back_every_real_token():
             assert torch.equal(getattr(again, name)[i, :n], getattr(batch, name)[row, :n]), name
         assert torch.equal(again.targets[i, : n - 1], batch.targets[row, : n - 1])
         assert not again.loss_mask[i, n - 1 :].any()
+        assert torch.equal(again.extras["routes"][i, :n], batch.extras["routes"][row, :n])
+        assert again.extras["routes"].dtype == torch.int16 and not again.extras["routes"][i, n:].any()
+    assert 0 < batch.loss_mask.sum() < sum(LENGTHS)  # the tool tokens' zeros travel too
 
 
 def _receive(parallel: ParallelConfig, config: ActorConfig) -> dict:
@@ -58,6 +66,7 @@ def _receive(parallel: ParallelConfig, config: ActorConfig) -> dict:
             same &= all(torch.equal(getattr(share, name)[i, :n], getattr(batch, name)[row, :n])
                         for name in ("tokens", "targets", "loss_mask", "rollout_logprobs"))
             same &= float(share.advantages[i]) == float(batch.advantages[row])
+            same &= torch.equal(share.extras["routes"][i, :n], batch.extras["routes"][row, :n])
     return dict(dp_rank=parallel_state.get_data_parallel_rank(), same=same,
                 ids=[share.sample_ids.tolist() for share in local.shares], lengths=local.mini_batch_lengths)
 
