@@ -21,10 +21,11 @@ from alp_megatron.errors import ConfigError
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.rewards.math_verifier import MathVerifierConfig
 from alp_megatron.rollout.types import SamplingConfig
-from alp_megatron.trainer.actor import ActorConfig
+from alp_megatron.trainer.actor import CONTEXT_PARALLEL_NOT_BUILT, ActorConfig
 from alp_megatron.trainer.checkpoint import CheckpointConfig
 from alp_megatron.trainer.step import OptimizerSettings
 from alp_megatron.run.metrics import MetricsConfig
+
 
 ROLLOUT_MODES = ("colocated", "disaggregated")
 LABEL_REWARDS = ("math", "exact_match", "positional_match")  # built-in rewards that compare with the label
@@ -266,12 +267,10 @@ class RunConfig:
                               f"({self.data.max_prompt_tokens}) + rollout.sampling.max_new_tokens "
                               f"({self.rollout.sampling.max_new_tokens}) = {longest}",
                               f"set it to at least {longest} (a packed micro-batch never truncates a sample)")
-        if budget is not None and self.parallel.context_parallel > 1:
-            raise ConfigError("actor.max_tokens_per_microbatch",
-                              f"packed micro-batches ({budget!r}) are not built for context parallelism "
-                              f"(parallel.context_parallel={self.parallel.context_parallel}) yet",
-                              "set actor.max_tokens_per_microbatch=null (padded micro-batches) with context "
-                              "parallelism")
+        if self.parallel.context_parallel > 1:
+            raise ConfigError("parallel.context_parallel", CONTEXT_PARALLEL_NOT_BUILT.format(
+                self.parallel.context_parallel), "use 1; for long sequences use tensor parallelism with "
+                "parallel.sequence_parallel=true, and packed micro-batches")
         if self.actor.temperature != self.rollout.sampling.temperature:
             raise ConfigError("actor.temperature",
                               f"{self.actor.temperature} differs from rollout.sampling.temperature "

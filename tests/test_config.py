@@ -61,9 +61,10 @@ def test_a_token_budget_that_cannot_hold_the_longest_sample_names_both_numbers()
         load_run_config(None, ("actor.max_tokens_per_microbatch=0",))
     with pytest.raises(ConfigError, match="actor.max_tokens_per_microbatch"):
         load_run_config(None, ("actor.max_tokens_per_microbatch=big",))
-    with pytest.raises(ConfigError, match="context parallelism"):
-        load_run_config(None, ("parallel.context_parallel=2",))
-    assert load_run_config(None, ("parallel.context_parallel=2", "actor.max_tokens_per_microbatch=null"))
+    for budget in ("auto", "null"):  # not built in the trainer: refused, padded or packed
+        with pytest.raises(ConfigError, match="does not split sequences over context-parallel ranks") as error:
+            load_run_config(None, ("parallel.context_parallel=2", f"actor.max_tokens_per_microbatch={budget}"))
+        assert error.value.field == "parallel.context_parallel"
     assert load_run_config(None, ()).actor.max_tokens_per_microbatch == "auto"  # packed by default
     config = load_run_config(None, ("actor.max_tokens_per_microbatch=1536", "data.max_prompt_tokens=512",
                                     "rollout.sampling.max_new_tokens=1024"))

@@ -41,6 +41,11 @@ from alp_megatron.trainer.step import train_step
 
 logger = logging.getLogger(__name__)
 
+CONTEXT_PARALLEL_NOT_BUILT = (
+    "is {}, but the trainer does not split sequences over context-parallel ranks yet (Megatron's local "
+    "attention refuses context parallelism and the Transformer Engine path is not built), so it would train "
+    "on wrong attention")
+
 
 @dataclass(frozen=True)
 class ActorConfig:
@@ -104,8 +109,14 @@ class Actor:
     def __init__(self, ddp_chunks: list, optimizer, scheduler, loss: LossConfig, config: ActorConfig,
                  reference=None):
         """``reference``: the frozen :class:`ReferenceModel` of the KL term (required when loss.kl_coef > 0)."""
+        from megatron.core import parallel_state
+
         if loss.kl_coef > 0 and reference is None:
             raise ValueError("Actor: loss.kl_coef > 0 needs the reference model (ReferenceModel.build)")
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise ConfigError("parallel.context_parallel",
+                              CONTEXT_PARALLEL_NOT_BUILT.format(parallel_state.get_context_parallel_world_size()),
+                              "use 1, and tensor parallelism with sequence parallelism for long sequences")
         self.chunks = ddp_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler

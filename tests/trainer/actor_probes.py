@@ -95,3 +95,16 @@ def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_
         reports.append(dict(losses=report.losses, grad_norms=report.grad_norms, applied=report.applied,
                             skip_reasons=report.skip_reasons, metrics=report.metrics))
     return dict(reports=reports, parameter_sums=sums, optimizer_steps=actor.optimizer_steps, k3_by_hand=k3_by_hand)
+
+
+def actor_refusal(parallel: ParallelConfig) -> str:
+    """The error an Actor gives under ``parallel`` (before it touches any model), or ''."""
+    from alp_megatron.errors import ConfigError
+    from alp_megatron.model.provider import initialize_parallel
+
+    initialize_parallel(parallel)
+    try:
+        Actor([], None, None, LossConfig(), ActorConfig())
+    except ConfigError as error:
+        return str(error)
+    return ""

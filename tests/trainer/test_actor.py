@@ -9,7 +9,7 @@ import pytest
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from tests.distributed import run_ranks
 from tests.model.layouts import ALP, Layout, save_reference
-from tests.trainer.actor_probes import run_actor
+from tests.trainer.actor_probes import actor_refusal, run_actor
 
 pytestmark = pytest.mark.megatron
 
@@ -181,3 +181,11 @@ def test_non_finite_step_is_skipped_and_reported(reference_dir, single_rank):
     before, after = result["parameter_sums"][1]
     assert math.isfinite(after) and after != before  # the second, finite mini-batch was applied
     assert all(math.isfinite(g) for g in result["reports"][2]["grad_norms"])
+
+
+def test_context_parallelism_is_refused_until_the_trainer_splits_sequences():
+    """The actor does not split sequences over context-parallel ranks: it refuses CP rather than train on
+    wrong attention (on a GPU, Transformer Engine would run it without complaint)."""
+    for message in run_ranks(2, actor_refusal, ParallelConfig(context_parallel=2)):
+        assert "parallel.context_parallel" in message and "does not split sequences" in message
+
