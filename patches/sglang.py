@@ -15,7 +15,9 @@ for CPU from PyPI:
   ``torchvision.transforms`` on the config-loading path of every model.
 
 ``sglang_cpu/`` beside this file holds two stand-in packages that satisfy those imports (every name
-raises ``NotImplementedError`` when called). They are put on the **server process's** ``PYTHONPATH``
+raises ``NotImplementedError`` when called), and a ``sitecustomize.py`` with two runtime stand-ins: request
+seeds honoured on CPU, and the host buffers of ``--enable-return-routed-experts`` (MoE routes) allocated
+without ``cudaHostRegister``, which otherwise kills a CPU server at start-up (its docstring says more). They are put on the **server process's** ``PYTHONPATH``
 only, never imported into ours, and only when ``torch.cuda.is_available()`` is False; on a GPU machine
 the real packages are used and :func:`server_environment` adds no path. The stand-ins depend on the
 lazy-import structure of one SGLang release, so every entry point checks the installed version first

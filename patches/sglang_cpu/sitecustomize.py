@@ -1,6 +1,14 @@
-"""Seeded sampling for SGLang 0.5.23 servers on CPU (imported by Python at start-up from this folder).
+"""Two stand-ins for SGLang 0.5.23 servers on CPU (imported by Python at start-up from this folder).
 
-Upstream limitation: SGLang honours a request's ``sampling_params.sampling_seed`` only under
+**Host buffers without CUDA.** Upstream limitation: SGLang allocates the host buffers of its state capturers
+(``--enable-return-routed-experts``: the routed experts of every token, ``state_capturer/base.py``) through
+``ALLOC_MEMORY_FUNCS[device]``, whose default for every device but npu/musa/xpu is
+``alloc_with_host_register``: it pins the buffer with ``cudaHostRegister``, so a CPU server started with that
+flag dies at start-up. This stand-in makes ``ALLOC_MEMORY_FUNCS["cpu"]`` allocate the same buffer through the
+given allocator, unpinned (there is no device to pin it for). Always installed from this folder, which is on a
+server's path only without a GPU.
+
+**Seeded sampling.** Upstream limitation: SGLang honours a request's ``sampling_params.sampling_seed`` only under
 ``--enable-deterministic-inference``, which refuses every CPU attention backend. On CPU a seed is silently
 ignored and tokens come from the scheduler's global generator, so the same request gives different samples
 from run to run (and after a server restart), and an RL run cannot be reproduced or resumed exactly.
@@ -9,9 +17,11 @@ This stand-in fills ``SamplingBatchInfo.sampling_seed`` for every batch, from ea
 fresh random one for unseeded requests), so SGLang's own seeded sampler (``multinomial_with_seed``: a Gumbel
 draw from per-(seed, position, token) uniforms) is used. Its uniforms come from a MurmurHash kernel that on
 CPU exists only in the CPU build of sgl-kernel; here they come from a torch generator seeded per (seed,
-position) instead. A seeded request then gives the same tokens whatever it is batched with. Only when ``ALP_SGLANG_SEEDED_SAMPLING=1`` and only for
-sglang 0.5.23 (any other version: a warning, nothing changed). It lives beside the other CPU stand-ins,
-which go on the server's PYTHONPATH only when there is no GPU.
+position) instead. A seeded request then gives the same tokens whatever it is batched with. Only when
+``ALP_SGLANG_SEEDED_SAMPLING=1``.
+
+Both only for sglang 0.5.23 (any other version: a warning, nothing changed). They live beside the other CPU
+stand-ins, which go on the server's PYTHONPATH only when there is no GPU.
 """
 
 import os
@@ -19,6 +29,19 @@ import sys
 
 _BATCH_INFO = "sglang.srt.sampling.sampling_batch_info"
 _SAMPLER = "sglang.srt.layers.sampler"
+_HOST_POOL = "sglang.srt.mem_cache.pool_host.common"
+
+
+def _install_host_buffers(module) -> None:
+    import torch
+
+    def alloc_unpinned(dims, dtype, device, pin_memory, allocator, registration_granularity_bytes=None):
+        """The buffer ``alloc_with_host_register`` would make, without registering (pinning) it."""
+        if allocator is None:
+            return torch.empty(dims, dtype=dtype, device=device)
+        return allocator.allocate(dims, dtype=dtype, device=device)
+
+    module.ALLOC_MEMORY_FUNCS["cpu"] = alloc_unpinned
 
 
 def _row_seed(seed: int, position: int) -> int:
@@ -69,7 +92,7 @@ def _install_seeds(module) -> None:
 
 
 class _PatchOnImport:
-    """A meta-path hook: once SGLang's sampling module is loaded, wrap its batch constructor."""
+    """A meta-path hook: once one of the SGLang modules of ``_INSTALLERS`` is loaded, apply its stand-in."""
 
     def find_spec(self, name, path=None, target=None):
         if name not in _INSTALLERS:
@@ -93,8 +116,8 @@ class _PatchOnImport:
             except Exception:  # noqa: BLE001 - no metadata: leave SGLang as it is
                 return
             if installed != "0.5.23":
-                sys.stderr.write(f"alp-megatron: seeded CPU sampling is verified on sglang 0.5.23 only, "
-                                 f"not {installed}; request seeds are ignored on CPU\n")
+                sys.stderr.write(f"alp-megatron: the CPU stand-in for {name} is verified on sglang 0.5.23 only, "
+                                 f"not {installed}; it is not applied\n")
                 return
             _INSTALLERS[name](module)
 
@@ -102,7 +125,7 @@ class _PatchOnImport:
         return spec
 
 
-_INSTALLERS = {_BATCH_INFO: _install_seeds, _SAMPLER: _install_uniforms}
-
+_INSTALLERS = {_HOST_POOL: _install_host_buffers}
 if os.environ.get("ALP_SGLANG_SEEDED_SAMPLING") == "1":
-    sys.meta_path.insert(0, _PatchOnImport())
+    _INSTALLERS.update({_BATCH_INFO: _install_seeds, _SAMPLER: _install_uniforms})
+sys.meta_path.insert(0, _PatchOnImport())

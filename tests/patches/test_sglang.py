@@ -1,6 +1,9 @@
 """The SGLang CPU stand-ins (``patches/sglang.py``) are needed and sufficient, the version guard holds, and
 a killed server's leftover in /dev/shm is real and removed by the launcher.
 
+The same process then allocates the host buffer of ``--enable-return-routed-experts`` the way SGLang does,
+without and with the host-buffer stand-in of ``sglang_cpu/sitecustomize.py``.
+
 One fresh process (CPU engine on) imports SGLang's scheduler and HTTP server modules three times,
 putting one more stand-in on ``sys.path`` before each try: with none the model configs fail on
 ``torchvision``; with the ``torchvision`` stand-in the KV-cache kernels fail on ``sgl_kernel``; with
@@ -39,6 +42,23 @@ for added in (None, "torchvision", "sgl_kernel"):
     except ImportError as error:
         outcome = str(error)
     print(json.dumps({"added": added, "outcome": outcome}), flush=True)
+
+# the host buffer of --enable-return-routed-experts, without and with the stand-in of sitecustomize.py
+import importlib.util, torch
+from sglang.srt.mem_cache.pool_host import common
+def allocate():
+    try:
+        buffer = common.ALLOC_MEMORY_FUNCS["cpu"]((4, 2, 2), dtype=torch.int32, device="cpu", pin_memory=True,
+                                                  allocator=common.HostTensorAllocator())
+        return "allocated %s" % (tuple(buffer.shape),)
+    except Exception as error:
+        return type(error).__name__
+print(json.dumps({"added": "host buffers: none", "outcome": allocate()}), flush=True)
+spec = importlib.util.spec_from_file_location("alp_sitecustomize", os.path.join(stand_ins, "sitecustomize.py"))
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module._install_host_buffers(common)
+print(json.dumps({"added": "host buffers: stand-in", "outcome": allocate()}), flush=True)
 """
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-ins are used only without a GPU")
@@ -57,7 +77,7 @@ def staged_import(tmp_path_factory) -> dict:
         if line.startswith("{"):
             step = json.loads(line)
             outcomes[step["added"]] = step["outcome"]
-    assert len(outcomes) == 3, result.stdout[-2000:] + result.stderr[-3000:]
+    assert len(outcomes) == 5, result.stdout[-2000:] + result.stderr[-3000:]
     return outcomes
 
 
@@ -81,6 +101,14 @@ def test_without_sgl_kernel_stand_in_the_server_modules_fail_on_sgl_kernel(stage
 @cpu_only
 def test_with_both_stand_ins_the_server_modules_import(staged_import):
     assert staged_import["sgl_kernel"] == "imported"
+
+
+@cpu_only
+def test_routed_experts_host_buffers_need_the_stand_in_without_cuda(staged_import):
+    """SGLang pins the host buffer of --enable-return-routed-experts with cudaHostRegister, which fails
+    without CUDA; the stand-in allocates it unpinned (a server then starts: tests/rollout/test_routes.py)."""
+    assert not staged_import["host buffers: none"].startswith("allocated")
+    assert staged_import["host buffers: stand-in"] == "allocated (4, 2, 2)"
 
 
 def test_stand_ins_satisfy_any_import_and_raise_when_called(tmp_path):
