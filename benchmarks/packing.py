@@ -1,14 +1,17 @@
 """Padded against packed micro-batches on RL-shaped response lengths: same model, samples and steps, interleaved.
 
-    python benchmarks/packing.py [--samples 16 --prompt 32 --max-new-tokens 512 --steps 3]
+    python benchmarks/packing.py [--samples 16 --prompt 32 --max-new-tokens 512 --steps 3 --budget auto]
 
 Response lengths are long-tailed like RL rollouts: lognormal with a median of a tenth of ``--max-new-tokens``,
 capped there. Each step trains the same rollout batch twice, alternating which goes first: once with padded
 micro-batches (``actor.micro_batch_size=1``: one sequence of the batch's longest length per micro-batch) and
-once packed (``actor.max_tokens_per_microbatch`` = the longest possible sample, so both hold at most the same
-tokens per micro-batch and so the same peak activation memory). Printed: median step time of each, useful
+once packed (``actor.max_tokens_per_microbatch``: ``auto``, the run's default, is the mini-batch's longest
+sample, so each packed micro-batch holds at most the tokens of a padded one; ``max`` is the longest possible
+sample, fewer and fuller micro-batches). Printed: median step time of each, useful
 (non-padding) tokens per second, the padded share of the tokens each processed, and the throughput ratio
-against the ideal one (the padded run's tokens over the useful tokens). On a GPU also the peak memory.
+against the ideal one (the padded run's tokens over the useful tokens), and the peak memory of one step of
+each beyond what the model and optimizer hold: on a GPU from ``max_memory_allocated``; on the CPU the peak of the bytes the CPU allocator holds during a
+separate, untimed step, summed from the profiler's allocation events (the profiler slows a step down).
 
 The local spec runs the packed row's attention with a dense block-diagonal mask, so its attention costs what
 a padded row of the same length costs; Transformer Engine's THD attention (GPU) skips the masked blocks.
@@ -32,6 +35,22 @@ def response_lengths(count: int, max_new: int, seed: int) -> list[int]:
     return [int(min(max(1, round(float(x))), max_new)) for x in draws]
 
 
+def cpu_peak_bytes(fn) -> int:
+    """The most bytes torch's CPU allocator held beyond what it held before, while ``fn()`` ran (from the
+    profiler's allocation and free events, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    held = peak = 0
+    for _, change in events:
+        held += change
+        peak = max(peak, held)
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=16)
@@ -40,6 +59,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--budget", default="auto",
+                        help="packed budget: auto (the run default: the mini-batch's longest sample), max (the "
+                             "longest possible sample) or a number of tokens")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29583")
@@ -67,7 +89,9 @@ def main() -> None:
     settings = OptimizerSettings(lr=1e-6)
     actors = {}
     state = None
-    for mode, budget in (("padded", None), ("packed", longest)):
+    budget_of = {"auto": "auto", "max": longest}
+    packed_budget = budget_of[args.budget] if args.budget in budget_of else int(args.budget)
+    for mode, budget in (("padded", None), ("packed", packed_budget)):
         chunks = build_model(arch, parallel, ModelConfig(), alp)
         if state is None:
             state = chunks[0].state_dict()
@@ -91,6 +115,7 @@ def main() -> None:
 
     times = {"padded": [], "packed": []}
     shares = {"padded": [], "packed": []}
+    counts = {"padded": [], "packed": []}
     peak = {"padded": 0, "packed": 0}
     useful = processed_padded = 0
     for step in range(args.steps + 1):  # step 0 warms up
@@ -99,12 +124,14 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                held = torch.cuda.memory_allocated()
             start = time.perf_counter()
             report = actors[mode].train(batch)
             shares[mode].append(report.metrics["padded_share"])
+            counts[mode].append(report.metrics["micro_batches"])
             if cuda:
                 torch.cuda.synchronize()
-                peak[mode] = max(peak[mode], torch.cuda.max_memory_allocated())
+                peak[mode] = max(peak[mode], torch.cuda.max_memory_allocated() - held)
             if step:
                 times[mode].append(time.perf_counter() - start)
         if step:
@@ -117,14 +144,20 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {device}; {args.layers} layers, hidden {args.hidden}; {args.samples} samples a step, prompt "
           f"{args.prompt}, responses lognormal (median {args.max_new_tokens // 10}, cap {args.max_new_tokens}); "
-          f"{args.steps} steps each, interleaved")
+          f"packed budget {args.budget} ({packed_budget}); {args.steps} steps each, interleaved")
     for mode, seconds in (("padded", padded_time), ("packed", packed_time)):
         print(f"{mode}: median step {seconds:.3f} s, {useful_per_step / seconds:,.0f} useful tokens/s, padded share "
-              f"{statistics.mean(shares[mode]):.1%} (the actor's padded_share)")
+              f"{statistics.mean(shares[mode]):.1%} (the actor's padded_share), "
+              f"{statistics.mean(counts[mode]):.1f} micro-batches a step")
     print(f"throughput packed/padded {measured:.2f}; ideal (padded tokens / useful tokens) {ideal:.2f}; "
           f"measured/ideal {measured / ideal:.2f} (target >= 0.8)")
-    if cuda:
-        print(f"peak memory padded {peak['padded'] / 2**30:.2f} GiB, packed {peak['packed'] / 2**30:.2f} GiB")
+    if not cuda:  # one more step of each, untimed, under the profiler
+        batch = batch_for(args.steps + 1)
+        for mode in ("padded", "packed"):
+            peak[mode] = cpu_peak_bytes(lambda: actors[mode].train(batch))
+    print(f"peak memory of a step beyond the model and optimizer: padded {peak['padded'] / 2**20:,.1f} MiB, "
+          f"packed {peak['packed'] / 2**20:,.1f} MiB ({peak['packed'] / peak['padded']:.2f} of padded)"
+          + ("" if cuda else "; CPU allocator, from the profiler's events"))
 
 
 if __name__ == "__main__":
