@@ -15,6 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+ROUTES = "routed_experts"
+"""The ``Sample.extras`` key of the engine's MoE routes, ``[tokens, decoder layers, top_k]``: row ``t`` holds
+the experts each layer routed token ``t`` of prompt + response to (the last token, never an input, gets
+experts ``0..top_k-1``)."""
+
+EXTRA_PREFIX = "extra."
+"""A per-token extra ``name`` travels in a micro-batch dict as ``EXTRA_PREFIX + name``."""
 
 @dataclass(frozen=True)
 class WeightSpan:

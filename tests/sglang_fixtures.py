@@ -90,3 +90,22 @@ def sglang_server(tiny_model_path) -> Iterator[SGLangServer]:
     """One healthy server on :func:`tiny_model_path`, shared by the tests of a module."""
     with launch_server(tiny_model_path, log_dir=os.path.join(os.path.dirname(tiny_model_path), "logs")) as server:
         yield server
+
+
+MOE_ROUTES = (2, 2, 4)
+"""The tiny Qwen3-MoE's (decoder layers, experts per token, experts)."""
+
+
+@pytest.fixture(scope="session")
+def moe_model_path(tmp_path_factory) -> str:
+    """The tiny Qwen3-MoE (seed 0; every layer MoE, 4 experts, top-2), written once per test session."""
+    return tiny_model(tmp_path_factory.mktemp("tiny-qwen3-moe"), architecture="Qwen3MoeForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def moe_server(moe_model_path) -> Iterator[SGLangServer]:
+    """One server on :func:`moe_model_path` that returns routed experts, shared by the whole session (import
+    it into the ``conftest.py`` of the tests that need it)."""
+    with launch_server(moe_model_path, ("--enable-return-routed-experts",),
+                       log_dir=os.path.join(os.path.dirname(moe_model_path), "logs")) as server:
+        yield server

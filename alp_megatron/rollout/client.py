@@ -12,6 +12,7 @@ since ``sglang-router`` does not proxy them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import logging
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import aiohttp
+import numpy as np
 
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.engine_control import PAUSE_MODES
@@ -40,7 +42,14 @@ class ClientConfig:
     abort and flush (default: ``urls``; give the worker URLs when ``urls`` is a router). ``vocab_size``
     enables the check of prompt ids before sending (SGLang 0.5.23 crashes its scheduler on an id outside
     the vocabulary); see :func:`model_vocab_size`. ``max_attempts`` counts tries of one request across
-    servers; a server that failed is avoided for ``cooldown_s``.
+    servers; a server that failed is avoided for ``cooldown_s``. ``routed_experts``: (decoder layers,
+    experts per token, experts) of an MoE model served with ``--enable-return-routed-experts``; when set,
+    every ``/generate`` asks for the routes and each answer's are decoded and checked (:func:`parse_completion`).
+    ``sglang-router`` 0.3.2 parses a request into a struct without SGLang's ``return_routed_experts`` and
+    ``routed_experts_start_len``, so the server never hears of them (``tests/rollout/test_routes.py``): with
+    routes asked for, ``/generate`` goes to the worker URLs (``control_urls``) directly, balanced by this
+    client (least requests in flight; every turn of a trajectory can still pick its server), and the router
+    serves nothing.
     """
 
     urls: Sequence[str]
@@ -53,6 +62,7 @@ class ClientConfig:
     retry_backoff_s: float = 0.5
     cooldown_s: float = 5.0
     max_connections: int = 1024
+    routed_experts: Optional[tuple[int, int, int]] = None
 
     def __post_init__(self):
         urls = tuple(url.rstrip("/") for url in ([self.urls] if isinstance(self.urls, str) else self.urls))
@@ -72,6 +82,12 @@ class ClientConfig:
             raise ConfigError("client.max_attempts", f"{self.max_attempts!r} < 1", "use at least 1 (default 4)")
         if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise ConfigError("client.request_timeout_s", "timeouts must be positive", "use seconds, e.g. 3600")
+        if self.routed_experts is not None:
+            shape = tuple(self.routed_experts)
+            if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
+                raise ConfigError("client.routed_experts", f"{self.routed_experts!r} is not (layers, top_k, experts)",
+                                  "give the model's num_hidden_layers, num_experts_per_tok and num_experts, or None")
+            object.__setattr__(self, "routed_experts", shape)
 
 
 def model_vocab_size(model_path: str) -> int:
@@ -112,7 +128,12 @@ class RolloutClient:
     def __init__(self, config: ClientConfig):
         self.config = config
         self.stats = ClientStats()
-        self._endpoints = [_Endpoint(url) for url in config.urls]
+        urls = config.urls
+        if config.routed_experts is not None and set(config.control_urls) != set(config.urls):
+            logger.info("routed experts asked for: /generate goes to the %d workers directly (sglang-router drops "
+                        "the request's return_routed_experts)", len(config.control_urls))
+            urls = config.control_urls
+        self._endpoints = [_Endpoint(url) for url in urls]
         self._session: Optional[aiohttp.ClientSession] = None
         self._rid_prefix = uuid.uuid4().hex[:8]
         self._rid_counter = itertools.count()
@@ -151,14 +172,16 @@ class RolloutClient:
     # generation
 
     async def generate(self, input_ids: Sequence[int], sampling_params: dict, rid: Optional[str] = None,
-                       return_logprob: bool = True) -> Completion:
+                       return_logprob: bool = True, routes_start: int = 0) -> Completion:
         """One response to ``input_ids`` (with per-token logprobs unless ``return_logprob`` is False).
 
         ``rid`` (default: a fresh id) is the request id :meth:`abort` takes; a retry sends ``rid~attempt``.
+        ``routes_start``: with ``config.routed_experts``, the routes come back from this token of
+        ``input_ids`` on (a continuation asks only for what it adds; SGLang's ``routed_experts_start_len``).
         """
         rid = rid or self.new_rid("r")
         (completion,) = await self._generate([list(map(int, input_ids))], sampling_params, return_logprob,
-                                             label=rid, rid=rid)
+                                             label=rid, rid=rid, routes_start=routes_start)
         return completion
 
     async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling_params,
@@ -177,8 +200,10 @@ class RolloutClient:
                                     label=label or self.new_rid("batch"), rid=None)
 
     async def _generate(self, prompts: list[list[int]], sampling_params, return_logprob: bool,
-                        label: str, rid: Optional[str]) -> list[Completion]:
+                        label: str, rid: Optional[str], routes_start: int = 0) -> list[Completion]:
         self._check_prompts(prompts, label)
+        if not 0 <= routes_start <= min(len(prompt) for prompt in prompts):
+            raise ValueError(f"{label}: routes_start {routes_start} is outside the prompt [0, {len(prompts[0])}]")
         single = len(prompts) == 1
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
@@ -191,6 +216,8 @@ class RolloutClient:
             "sampling_params": sampling_params,
             "return_logprob": return_logprob,
         }
+        if self.config.routed_experts is not None:
+            body.update(return_routed_experts=True, routed_experts_start_len=routes_start)
         tried: list[str] = []
         last_error: Optional[EngineError] = None
         for attempt in range(self.config.max_attempts):
@@ -214,7 +241,8 @@ class RolloutClient:
                 raise MalformedResponseError(endpoint.url, "/generate",
                                              f"expected {len(prompts)} answers, got {_short(answer)}", request=label)
             completions = [parse_completion(item, f"{label}[{i}]" if not single else label, endpoint.url,
-                                            return_logprob) for i, item in enumerate(items)]
+                                            return_logprob, self.config.routed_experts, routes_start)
+                           for i, item in enumerate(items)]
             self.stats.completed += len(completions)
             return completions
         raise EngineUnreachableError(
@@ -346,14 +374,19 @@ class _RetryableStatus(Exception):
 # response validation
 
 
-def parse_completion(item: Any, label: str, url: str, with_logprobs: bool = True) -> Completion:
+def parse_completion(item: Any, label: str, url: str, with_logprobs: bool = True,
+                     routed_experts: Optional[tuple[int, int, int]] = None, routes_start: int = 0) -> Completion:
     """Validate one ``/generate`` answer (``label`` names the request in errors) and return it as a
     :class:`Completion` whose ``rid`` is the server's request id.
 
     Raises :class:`MalformedResponseError` when: the answer is not an object with ``output_ids`` and
     ``meta_info``; ids are not integers; ``finish_reason`` is missing or unknown; logprobs were requested
     and their count or token ids differ from ``output_ids`` or a logprob is NaN or positive; the
-    weight-version spans do not tile ``[0, len(output_ids))``.
+    weight-version spans do not tile ``[0, len(output_ids))``; routes were asked for (``routed_experts``:
+    layers, top_k, experts) and are missing (a router that drops the field), not base64 int32, not one row
+    per input token from ``routes_start`` (``prompt_tokens + len(output_ids) - 1 - routes_start`` rows), or
+    name an expert outside ``[0, experts)``. The routes are kept in the smallest integer type that holds
+    every expert id (uint8 up to 256 experts): 32k tokens x 48 layers x top-8 is 12 MB a sample, not 49.
     """
     def bad(problem: str) -> MalformedResponseError:
         return MalformedResponseError(url, "/generate", problem, request=label)
@@ -399,12 +432,40 @@ def parse_completion(item: Any, label: str, url: str, with_logprobs: bool = True
     if not isinstance(version, str):
         raise bad(f"weight_version is {_short(version)}")
     spans = _weight_spans(meta.get("weight_versions"), version, count, bad)
+    prompt_tokens = int(meta.get("prompt_tokens", 0))
+    routes = None
+    if routed_experts is not None:
+        routes = _routes(meta.get("routed_experts"), routed_experts, prompt_tokens + count - 1 - routes_start, bad)
     return Completion(
         rid=str(meta.get("id") or label), url=url, output_ids=tuple(output_ids), output_logprobs=tuple(logprobs),
-        finish_reason=finish_type, weight_version=version, weight_spans=spans,
-        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        finish_reason=finish_type, weight_version=version, weight_spans=spans, prompt_tokens=prompt_tokens,
         matched_stop=finish.get("matched") if isinstance(finish, dict) else None,
+        routed_experts=routes, routes_start=routes_start,
     )
+
+
+def _routes(raw: Any, shape: tuple[int, int, int], rows: int, bad) -> np.ndarray:
+    """SGLang's ``meta_info.routed_experts`` (base64 of little-endian int32) as ``[rows, layers, top_k]``."""
+    layers, top_k, experts = shape
+    rows = max(rows, 0)
+    if not isinstance(raw, str):
+        raise bad(f"routed_experts is {_short(raw)}: the server was not started with "
+                  "--enable-return-routed-experts, or a router in front dropped the field")
+    try:
+        flat = np.frombuffer(base64.b64decode(raw, validate=True), dtype="<i4")
+    except (ValueError, TypeError) as error:
+        raise bad(f"routed_experts is not base64 of int32 values ({error})") from None
+    if flat.size != rows * layers * top_k:
+        raise bad(f"routed_experts holds {flat.size} values, not {rows} input tokens x {layers} layers x "
+                  f"{top_k} experts")
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= experts):
+        raise bad(f"routed_experts names experts {int(flat.min())}..{int(flat.max())}, outside [0, {experts})")
+    return flat.reshape(rows, layers, top_k).astype(route_dtype(experts))
+
+
+def route_dtype(experts: int) -> np.dtype:
+    """The smallest integer type that holds every expert id of a model with ``experts`` experts."""
+    return np.dtype(np.uint8 if experts <= 256 else np.int16 if experts <= 2**15 else np.int32)
 
 
 def _weight_spans(raw: Any, version: str, count: int, bad) -> tuple[WeightSpan, ...]:

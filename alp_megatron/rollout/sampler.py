@@ -6,7 +6,8 @@ when a server dies, so every group ends with exactly ``n`` samples. A sample tha
 back aborted because generation was paused (``pause(mode="abort")`` around a weight update) is
 continued from where it stopped once generation resumes: the continuation's prompt is the prompt plus
 the partial response, and the weight-version spans of both parts are joined, so the sample records
-which weights produced which tokens. After :meth:`Sampler.abort` nothing is continued: partial samples
+which weights produced which tokens (and, for an MoE model, the continuation asks for routes only from the
+last token it did not have, so no prefix is resent). After :meth:`Sampler.abort` nothing is continued: partial samples
 come back marked ``aborted`` and :meth:`RolloutBatch.complete_groups` leaves their groups out.
 """
 
@@ -17,14 +18,17 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from alp_megatron.errors import AlpError, ConfigError
 from alp_megatron.rollout.client import RolloutClient
 from alp_megatron.rollout.errors import EngineError
 from alp_megatron.rollout.types import Completion, RolloutBatch, Sample, SamplingConfig, WeightSpan
+from alp_megatron.sample import ROUTES
 
 logger = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,9 @@ class Sampler:
                                   sample.group_id, sample.sample_index)  # same seed: the draws depend on position
             rid = self.client.new_rid(f"g{sample.group_id}-s{sample.sample_index}-c{len(sample.response_ids)}")
             try:
-                more = await self.client.generate(sample.prompt_ids + sample.response_ids, params, rid=rid)
+                # routes only from the last token so far: the one the partial answer never fed back in
+                more = await self.client.generate(sample.prompt_ids + sample.response_ids, params, rid=rid,
+                                                  routes_start=sample.length - 1)
             except EngineError as error:
                 raise RolloutError(f"continuing sample {sample.sample_index} of group {sample.group_id} "
                                    f"after {len(sample.response_ids)} tokens failed: {error}") from error
@@ -149,7 +155,7 @@ class Sampler:
 
     @staticmethod
     def _sample(prompt: list[int], completion: Completion, group_id: int, index: int) -> Sample:
-        return Sample(
+        sample = Sample(
             prompt_ids=list(prompt),
             response_ids=list(completion.output_ids),
             rollout_logprobs=list(completion.output_logprobs),
@@ -160,6 +166,9 @@ class Sampler:
             sample_index=index,
             aborted=completion.aborted,
         )
+        if completion.routed_experts is not None:
+            sample.extras[ROUTES] = _with_last_row(torch.from_numpy(completion.routed_experts))
+        return sample
 
     # ---------------------------------------------------------------------------------------------
     # control (RolloutEngine)
@@ -191,6 +200,13 @@ class Sampler:
         return asyncio.run(run_and_close())
 
 
+def _with_last_row(routes: torch.Tensor) -> torch.Tensor:
+    """The engine's routes (one row per input token: every token but the last) with a row for the last token,
+    experts ``0..top_k-1`` (valid, distinct ids; no logprob depends on the last token's routing)."""
+    filler = torch.arange(routes.shape[-1], dtype=routes.dtype).expand(1, *routes.shape[1:])
+    return torch.cat([routes, filler])
+
+
 def _extend(sample: Sample, more: Completion) -> Sample:
     """``sample`` followed by the continuation ``more`` (spans shifted by the tokens already generated)."""
     offset = len(sample.response_ids)
@@ -201,8 +217,13 @@ def _extend(sample: Sample, more: Completion) -> Sample:
             spans[-1] = WeightSpan(shifted.version, spans[-1].start, shifted.end)
         else:
             spans.append(shifted)
+    extras = dict(sample.extras)
+    if more.routed_experts is not None:  # the rows so far (less the filler of the last token), then the new ones
+        known = sample.extras[ROUTES][: sample.length - 1]
+        extras[ROUTES] = _with_last_row(torch.cat([known, torch.from_numpy(more.routed_experts)]))
     return replace(
         sample,
+        extras=extras,
         response_ids=sample.response_ids + list(more.output_ids),
         rollout_logprobs=sample.rollout_logprobs + list(more.output_logprobs),
         loss_mask=sample.loss_mask + [1] * len(more.output_ids),

@@ -7,7 +7,7 @@ A rollout's answer from the engine is a :class:`Completion`; the sampler turns i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 from alp_megatron.sample import Sample, WeightSpan
 
@@ -20,7 +20,9 @@ class Completion:
     """One validated answer of ``/generate``: ``len(output_ids) == len(output_logprobs)`` always holds.
 
     ``output_logprobs`` is empty when logprobs were not requested. ``finish_reason`` is ``stop``,
-    ``length`` or ``abort``; ``weight_spans`` cover every output token, in order.
+    ``length`` or ``abort``; ``weight_spans`` cover every output token, in order. ``routed_experts``, when
+    asked for: row ``i`` holds, for every decoder layer, the experts the engine routed token
+    ``routes_start + i`` of prompt + output to (the last output token was never an input: it has no row).
     """
 
     rid: str
@@ -32,6 +34,8 @@ class Completion:
     weight_spans: tuple[WeightSpan, ...]
     prompt_tokens: int
     matched_stop: Optional[object] = None
+    routed_experts: Optional[Any] = None  # int32 ndarray [prompt + output - 1 - routes_start, layers, top_k]
+    routes_start: int = 0
 
     @property
     def aborted(self) -> bool:

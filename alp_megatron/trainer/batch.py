@@ -18,11 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from alp_megatron.errors import AlpError
-from alp_megatron.sample import Sample
-
-
-EXTRA_PREFIX = "extra."
-"""A per-token extra ``name`` travels in a micro-batch dict as ``EXTRA_PREFIX + name``."""
+from alp_megatron.sample import EXTRA_PREFIX, Sample
 
 
 @dataclass

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from alp_megatron.errors import AlpError
-from alp_megatron.sample import Sample
-from alp_megatron.trainer.batch import (EXTRA_PREFIX, balanced_shares, build_training_batch, micro_batch_counts,
+from alp_megatron.sample import EXTRA_PREFIX, Sample
+from alp_megatron.trainer.batch import (balanced_shares, build_training_batch, micro_batch_counts,
                                        packed_micro_batch, plan_micro_batches)
 
 
