@@ -51,6 +51,9 @@ class PerturbationConfig:
     # "layers": every decoder layer's input (ALP). "logits": one sigma on the final logits instead (the
     # paper's logits-only ablation; the decoder layers are left alone and perturb_start/end do not apply).
     target: str = "layers"
+    # With MoE routing replay on: whether the perturbed training forward also takes the engine's routes (True),
+    # or routes on the perturbed hidden states itself (False). Unperturbed passes always replay.
+    replay_routes_when_perturbed: bool = True
 
     def __post_init__(self):
         if self.target not in TARGETS:

@@ -64,15 +64,25 @@ def is_packed(micro: dict) -> bool:
 
 
 def forward(model, micro: dict):
-    """``model(tokens, position_ids, ...)`` for ``micro``, padded or packed; returns the model's output.
-    ``model``: a ``GPTModel`` chunk, bare or wrapped (DDP, Float16Module)."""
+    """``model(tokens, position_ids, ...)`` for ``micro``, padded or packed, with the engine's MoE routes
+    replayed when the chunk replays routes and ``micro`` carries them (:mod:`alp_megatron.model.routing`);
+    returns the model's output. ``model``: a ``GPTModel`` chunk, bare or wrapped (DDP, Float16Module)."""
+    from alp_megatron.alp.perturbation import noise_sources
+    from alp_megatron.model import routing
+
+    inner = model
+    while not hasattr(inner, "alp_backend") and hasattr(inner, "module"):
+        inner = inner.module
+    perturbed = inner.training and any(source.enabled for source in noise_sources(inner))
+    with routing.replaying(inner, micro, perturbed):
+        return _forward(model, inner, micro)
+
+
+def _forward(model, inner, micro: dict):
     tokens, positions = micro["tokens"], micro["position_ids"]
     if not is_packed(micro):
         return model(tokens, positions, None)
     total = tokens.shape[1]
-    inner = model
-    while not hasattr(inner, "alp_backend") and hasattr(inner, "module"):
-        inner = inner.module
     if getattr(inner, "alp_backend", "local") == "transformer_engine":
         return model(tokens, positions, None, packed_seq_params=packed_seq_params(micro["lengths"], total,
                                                                                   tokens.device))

@@ -115,6 +115,7 @@ class ModelConfig:
     recompute_num_layers: int = 1
     moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     moe_aux_loss_coeff: float = 0.0
+    routing_replay: Literal["none", "rollout"] = "none"  # MoE: replay the engine's routes (R3)
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     fp8_recipe: Literal["blockwise", "tensorwise", "delayed", "mxfp8"] = "blockwise"
     seed: int = 1234
@@ -126,6 +127,7 @@ class ModelConfig:
             "dtype": ("float32", "bfloat16"),
             "recompute": (None, "full"),
             "moe_dispatcher": ("alltoall", "allgather"),
+            "routing_replay": ("none", "rollout"),
             "fp8": (None, "e4m3", "hybrid"),
             "fp8_recipe": ("blockwise", "tensorwise", "delayed", "mxfp8"),
         }
@@ -247,11 +249,28 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, model: ModelCo
     if model.fp8 is not None:
         kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe)
     kwargs.update(model.extra)
+    if model.routing_replay == "rollout":
+        _check_replayable(arch, kwargs)
+        kwargs.update(moe_enable_routing_replay=True)
     try:
         return TransformerConfig(**kwargs)
     except (AssertionError, ValueError, TypeError) as error:
         raise ConfigError("model", f"Megatron rejected the model settings: {error}",
                           "adjust the named setting in model / parallel") from error
+
+
+def _check_replayable(arch: ModelArch, kwargs: dict) -> None:
+    """Refuse routing replay where it would not happen, or would happen silently wrong."""
+    if not arch.is_moe:
+        raise ConfigError("model.megatron.routing_replay", f"is rollout, but {arch.architecture} has no MoE layers",
+                          "set model.megatron.routing_replay=none")
+    if kwargs.get("moe_router_fusion"):
+        raise ConfigError("model.megatron.routing_replay", "is rollout, but model.megatron.extra sets "
+                          "moe_router_fusion, whose fused top-k returns before Megatron's replay",
+                          "drop moe_router_fusion")
+    if kwargs.get("moe_router_load_balancing_type") == "sinkhorn":
+        raise ConfigError("model.megatron.routing_replay", "is rollout, but sinkhorn load balancing picks experts "
+                          "outside the replayed top-k", "use aux_loss or none load balancing")
 
 
 def build_model(
@@ -299,6 +318,8 @@ def build_model(
             _perturb_logits(chunks[-1], arch, alp, source)
         _mask_padded_vocab(chunks[-1], arch.vocab_size)
         chunks[-1].alp_backend = model.backend  # how model.packing.forward runs a packed micro-batch
+        chunks[-1].routing_replay = model.routing_replay == "rollout"  # and whether it replays MoE routes
+        chunks[-1].replay_routes_when_perturbed = alp.replay_routes_when_perturbed
         if model.backend == "local":
             restart_rotary_positions(chunks[-1])
     return chunks

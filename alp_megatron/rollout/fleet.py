@@ -47,10 +47,12 @@ def launched_server_gpus(rollout_config, trainer_gpus_on_node: int, visible_gpus
 
 class RolloutEngines:
     """Servers + router + sampler of a run. ``submit`` starts a rollout and returns a Future at once.
-    ``trainer_gpus_on_node``: how many trainer ranks (GPUs) this node runs, for the servers' placement."""
+    ``trainer_gpus_on_node``: how many trainer ranks (GPUs) this node runs, for the servers' placement;
+    ``routed_experts``: (layers, top_k, experts) of an MoE model whose routes every sample carries (routing
+    replay): launched servers get ``--enable-return-routed-experts``, and servers given by URL must have it."""
 
     def __init__(self, rollout_config, model_path: str, log_dir: str, weight_version: str, vocab_size: int,
-                 trainer_gpus_on_node: int = 1):
+                 trainer_gpus_on_node: int = 1, routed_experts: Optional[tuple[int, int, int]] = None):
         self.config = rollout_config
         self.servers, self.router = [], None
         if rollout_config.server_urls:
@@ -66,7 +68,8 @@ class RolloutEngines:
                              base_gpu_id=first_gpu, dtype=rollout_config.server_dtype,
                              mem_fraction=rollout_config.server_mem_fraction,
                              weight_version=weight_version, api_key=rollout_config.api_key,
-                             extra_args=rollout_config.server_extra_args, log_dir=log_dir,
+                             extra_args=tuple(rollout_config.server_extra_args)
+                             + (("--enable-return-routed-experts",) if routed_experts else ()), log_dir=log_dir,
                              startup_timeout_s=rollout_config.startup_timeout_s)
                 for first_gpu in first_gpus
             ]
@@ -82,7 +85,8 @@ class RolloutEngines:
                 self.router.wait_healthy()
                 generate_urls = (self.router.url,)
             client = RolloutClient(ClientConfig(urls=generate_urls, control_urls=self.worker_urls,
-                                                api_key=rollout_config.api_key, vocab_size=vocab_size))
+                                                api_key=rollout_config.api_key, vocab_size=vocab_size,
+                                                routed_experts=routed_experts))
             sampling = rollout_config.sampling
             if rollout_config.engine_temperature is not None:  # a deliberate behaviour-policy mismatch
                 sampling = dataclasses.replace(sampling, temperature=rollout_config.engine_temperature)

@@ -191,9 +191,12 @@ def build_run(config, resume: bool) -> RunState:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.yaml"), "w") as handle:
             yaml.safe_dump(to_dict(config), handle, sort_keys=False)
+        arch = policy.arch
+        routes = ((arch.num_layers, arch.moe_topk, arch.num_experts)
+                  if config.model.megatron.routing_replay == "rollout" else None)
         engines = RolloutEngines(config.rollout, hf_dir, server_log_dir(out), f"v{weight_version}",
-                                 policy.arch.vocab_size,
-                                 trainer_gpus_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                                 arch.vocab_size, trainer_gpus_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                 routed_experts=routes)
         urls, tp_sizes = engines.worker_urls, engines.engine_tp_sizes
         first_group = progress.next_group_id
         schedule = (OneStepOff(engines, batches, first_group) if config.rollout.one_step_off else

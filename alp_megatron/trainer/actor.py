@@ -31,7 +31,8 @@ from alp_megatron.alp.loss import LossConfig, get_loss_method, policy_loss
 from alp_megatron.alp.perturbation import alp_disabled
 from alp_megatron.alp.stats import train_inference_ratio
 from alp_megatron.errors import ConfigError
-from alp_megatron.model import packing
+from alp_megatron.sample import ROUTES
+from alp_megatron.model import packing, routing
 from alp_megatron.model.logprobs import token_entropy, token_logprobs
 from alp_megatron.model.provider import rank_device
 from alp_megatron.trainer.batch import (TrainingBatch, micro_batch_counts, mini_batch_lengths, packed_micro_batch,
@@ -254,6 +255,7 @@ class Actor:
                     forward_only=True,
                 )
             finally:
+                routing.clear(models)
                 if chunks is self.chunks:  # the reference model stays in eval mode
                     for chunk in chunks:
                         chunk.train()
@@ -266,6 +268,15 @@ class Actor:
             out.append((_rows(done, micro, "logprobs", share), _rows(done, micro, "entropy", share)))
         return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
+    def _check_routes(self, shares: list[TrainingBatch]) -> None:
+        """A model that replays MoE routes trains only on samples that carry them (else it would silently not)."""
+        replays = any(getattr(c.module if hasattr(c, "module") else c, "routing_replay", False) for c in self.chunks)
+        if replays and any(ROUTES not in share.extras for share in shares):
+            raise ConfigError("model.megatron.routing_replay",
+                              "is rollout, but the training batch carries no routes (Sample.extras['routed_experts'])",
+                              "roll out with routes (a client with routed_experts set, servers started with "
+                              "--enable-return-routed-experts), or set model.megatron.routing_replay=none")
+
     def train(self, batch: TrainingBatch) -> ActorReport:
         """K optimizer steps on ``batch`` (identical on every rank). Returns what happened, on every rank."""
         return self.train_local(LocalBatch(self._rank_share(batch), self._mini_batch_lengths(batch)))
@@ -274,6 +285,7 @@ class Actor:
         """K optimizer steps on this rank's shares (from :func:`alp_megatron.trainer.distribute.distribute`, or
         :meth:`train`). Every rank calls it for the same rollout batch. Returns what happened, on every rank."""
         shares, lengths = local_batch.shares, local_batch.mini_batch_lengths
+        self._check_routes(shares)
         local = TrainingBatch(**{name: torch.cat([getattr(s, name) for s in shares])
                                  for name in ("tokens", "targets", "position_ids", "loss_mask",
                                               "rollout_logprobs", "advantages", "sample_ids", "lengths")})

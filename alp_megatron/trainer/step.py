@@ -16,7 +16,7 @@ import torch
 
 from alp_megatron.alp.perturbation import PerturbationConfig, perturbation_modules, set_microbatch
 from alp_megatron.errors import ConfigError
-from alp_megatron.model import packing
+from alp_megatron.model import packing, routing
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,7 @@ def train_step(
         micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=False,
     )
+    routing.clear(ddp_chunks)
     loss = _global_mean_loss(reports)
     applied, grad_norm, skip_reason = guarded_optimizer_step(optimizer, loss)
     if applied:

@@ -10,7 +10,7 @@ import torch
 from alp_megatron.alp.loss import LossConfig
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.trainer.actor import Actor, ActorConfig
-from alp_megatron.sample import Sample
+from alp_megatron.sample import ROUTES, Sample
 from alp_megatron.trainer.batch import build_training_batch
 from alp_megatron.alp.perturbation import PerturbationConfig
 from alp_megatron.trainer.step import OptimizerSettings, build_optimizer, log_sigma_parameters, wrap_ddp
@@ -21,10 +21,11 @@ PROMPT = 4
 
 
 def rollout_batch(seed: int, vocab: int, poison_advantages: bool = False, varied: bool = False,
-                  tool_shift: Optional[float] = None):
+                  tool_shift: Optional[float] = None, routes: Optional[tuple[int, int, int]] = None):
     """8 samples with responses of different lengths, near-uniform rollout logprobs, GRPO-like advantages
     (``varied``: the second half 3 tokens longer, so the two mini-batches' lengths differ; ``tool_shift``:
-    every fourth response token (from the second) a tool's, loss mask 0, its rollout logprob moved by that)."""
+    every fourth response token (from the second) a tool's, loss mask 0, its rollout logprob moved by that;
+    ``routes``: (layers, top_k, experts): random engine routes per token, as an MoE engine's)."""
     gen = torch.Generator().manual_seed(seed)
     prompts, responses, logprobs = [], [], []
     for i in range(SAMPLES):
@@ -39,8 +40,14 @@ def rollout_batch(seed: int, vocab: int, poison_advantages: bool = False, varied
     if tool_shift is not None:
         masks = [[int(j % 4 != 1) for j in range(len(r))] for r in responses]
         logprobs = [[v + (tool_shift if j % 4 == 1 else 0.0) for j, v in enumerate(lp)] for lp in logprobs]
-    return build_training_batch([Sample.given(p, r, lp, a, seed * 100 + i, loss_mask=m) for i, (p, r, lp, a, m)
-                                 in enumerate(zip(prompts, responses, logprobs, advantages, masks))])
+    extras = [{}] * SAMPLES
+    if routes is not None:
+        layers, top_k, experts = routes
+        extras = [{ROUTES: torch.rand(PROMPT + len(r), layers, experts, generator=gen).argsort(-1)[..., :top_k]
+                   .to(torch.uint8)} for r in responses]
+    return build_training_batch([Sample.given(p, r, lp, a, seed * 100 + i, loss_mask=m, extras=e)
+                                 for i, (p, r, lp, a, m, e)
+                                 in enumerate(zip(prompts, responses, logprobs, advantages, masks, extras))])
 
 
 def local_parameter_sum(chunks) -> float:
@@ -66,10 +73,10 @@ def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_
               epochs: int = 1, alp: PerturbationConfig = ALP, sigma: Optional[float] = None,
               max_tokens: Optional[int] = None, architecture: str = "LlamaForCausalLM",
               model: ModelConfig = ModelConfig(), distributed_optimizer: bool = False, varied: bool = False,
-              tool_shift: Optional[float] = None) -> dict:
+              tool_shift: Optional[float] = None, routes: bool = False) -> dict:
     """``alp``: the perturbation (``enabled=False`` for the baselines); ``sigma``: every layer's sigma at the
     start, instead of the reference weights' own; ``max_tokens``: packed micro-batches of that budget;
-    ``varied``, ``tool_shift``: see :func:`rollout_batch`."""
+    ``varied``, ``tool_shift``: see :func:`rollout_batch`; ``routes``: random engine routes replayed (MoE)."""
     layout = Layout("actor", architecture, parallel=parallel, model=model, alp=alp)
     chunks = build(layout)
     load_reference(chunks, reference_dir)
@@ -86,8 +93,10 @@ def run_actor(parallel: ParallelConfig, reference_dir: str, method: str, poison_
     reports, sums, k3_by_hand = [], [], []
     for seed in (1, 2, 3):
         before = local_parameter_sum(chunks)
+        arch = arch_for(layout)
         batch = rollout_batch(seed, vocab, poison_advantages=poison_second and seed == 2, varied=varied,
-                              tool_shift=tool_shift)
+                              tool_shift=tool_shift,
+                              routes=(arch.num_layers, arch.moe_topk, arch.num_experts) if routes else None)
         if len(chunks) == 1 and parallel == ParallelConfig():
             k3_by_hand.append(mismatch_k3_by_hand(chunks[0], batch))
         report = actor.train(batch)

@@ -118,6 +118,38 @@ def test_packed_moe_trains_as_padded_also_under_expert_parallelism(moe_reference
         _assert_same_training(result, padded, "moe_ep2", loss_abs=1e-6)
 
 
+def test_replayed_moe_routes_train_the_same_under_every_layout(moe_reference_dir):
+    """The engine's routes (random here, unlike the model's own choice) replayed in every pass: one rank,
+    TP=2 + SP (each rank replays its slice of the sequence), EP=2, PP=2 (1F1B over two micro-batches) and PP=2
+    with full recomputation (the recompute replays each micro-batch's routes in backward order) train alike,
+    and differently from routing freely."""
+    replay = functools.partial(run_actor, architecture=MOE, routes=True, max_tokens=40,
+                               model=ModelConfig(routing_replay="rollout"))
+    one = run_ranks(1, replay, ParallelConfig(), moe_reference_dir, "alp_seq")[0]
+    free = run_ranks(1, functools.partial(run_actor, architecture=MOE, routes=True, max_tokens=40), ParallelConfig(),
+                     moe_reference_dir, "alp_seq")[0]
+    assert one["reports"][0]["losses"] != pytest.approx(free["reports"][0]["losses"], rel=1e-3)
+    assert one["reports"][0]["metrics"]["micro_batches"] >= 2
+    # 1F1B runs both forwards of stage 0 before its first backward: the recompute must replay the first
+    # micro-batch's routes, not the last ones set (a single rank would not tell them apart)
+    recompute = functools.partial(replay, model=ModelConfig(routing_replay="rollout", recompute="full"))
+    for result in run_ranks(2, recompute, ParallelConfig(pipeline_parallel=2), moe_reference_dir, "alp_seq"):
+        _assert_same_training(result, one, "replay pp2 recompute", loss_abs=1e-6)
+    # TP=2 splits each expert's matmul too, so a loss near 0 differs by up to ~2e-6 absolute (a wrong slice of
+    # the routes: ~1e-3)
+    for name, parallel, loss_abs in (("tp2_sp", ParallelConfig(tensor_parallel=2, sequence_parallel=True), 1e-5),
+                                     ("ep2", ParallelConfig(expert_parallel=2), 1e-6),
+                                     ("pp2", ParallelConfig(pipeline_parallel=2), 1e-6)):
+        for result in run_ranks(2, replay, parallel, moe_reference_dir, "alp_seq"):
+            _assert_same_training(result, one, f"replay {name}", loss_abs=loss_abs)
+
+
+def test_a_replaying_actor_refuses_samples_without_routes(moe_reference_dir):
+    run = functools.partial(run_actor, architecture=MOE, model=ModelConfig(routing_replay="rollout"))
+    with pytest.raises(RuntimeError, match="routing_replay': is rollout, but the training batch carries no routes"):
+        run_ranks(1, run, ParallelConfig(), moe_reference_dir, "alp_seq")
+
+
 def test_tokens_out_of_the_loss_mask_change_nothing(reference_dir, single_rank):
     """Tokens the policy did not produce (a tool's output: loss mask 0 in the Sample) train, packed, as if
     their rollout logprobs were anything; and masking them changes training."""
