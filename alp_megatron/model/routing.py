@@ -15,6 +15,12 @@ A micro-batch without routes, or a perturbed ALP forward when the chunk routes p
 itself (``alp.replay_routes_when_perturbed: false``), routes normally. Rows past a sample's end (padding)
 take experts ``0..K-1``.
 
+:func:`measuring` also counts, in an unperturbed pass (the old-logprob pass), how often the trainer's own
+top-k equals the engine's (as sets: the order of the chosen experts changes nothing downstream) for every
+real token and MoE layer, with replay on or off; :func:`agreement` reduces the counts over the ranks (the
+share overall and per layer). The trainer's own choice is recomputed from the router's input (one
+``tokens x hidden x experts`` matmul per layer, small next to the experts').
+
 Cost: the routes of a micro-batch are ``tokens x L x K`` small integers (uint8 up to 256 experts); each
 router holds its layer's ``tokens x K`` int64 indices until its backward (Megatron's replay works on int64).
 """
@@ -30,11 +36,13 @@ from alp_megatron.sample import EXTRA_PREFIX, ROUTES
 ROUTES_KEY = EXTRA_PREFIX + ROUTES
 
 
-def routers(chunk) -> list:
-    """The ``TopKRouter`` modules of ``chunk`` (bare or wrapped) that replay routes, in layer order."""
+def routers(chunk, replaying_only: bool = True) -> list:
+    """The ``TopKRouter`` modules of ``chunk`` (bare or wrapped), in layer order: those that replay routes, or
+    (``replaying_only=False``) all."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    return [m for m in chunk.modules() if isinstance(m, TopKRouter) and getattr(m, "router_replay", None)]
+    return [m for m in chunk.modules() if isinstance(m, TopKRouter)
+            and (not replaying_only or getattr(m, "router_replay", None) is not None)]
 
 
 def _real_tokens(micro: dict, shape: tuple[int, int]) -> torch.Tensor:
@@ -44,6 +52,71 @@ def _real_tokens(micro: dict, shape: tuple[int, int]) -> torch.Tensor:
     if "unpack_index" in micro:  # packed: one row, the samples back to back, then padding
         return (columns < int(lengths.sum()))[None, :].expand(shape)
     return columns[None, :] < lengths[:, None]
+
+
+def _measure(router, args) -> None:
+    """Forward pre-hook of a router: count the tokens whose own top-k equals the engine's."""
+    engine = getattr(router, "_alp_engine", None)
+    if not _MEASURING or engine is None:
+        return
+    indices, real = engine
+    with torch.no_grad():
+        own = router.gating(args[0]).reshape(-1, router.config.num_moe_experts).topk(indices.shape[-1]).indices
+    same = (own.sort(-1).values == indices.to(own.device).sort(-1).values).all(-1)
+    real = real.to(own.device)
+    router._alp_counts += torch.stack([(same & real).sum(), real.sum()]).to(torch.float64).cpu()
+
+
+_MEASURING = False
+
+
+@contextlib.contextmanager
+def measuring(chunks):
+    """Count the routing agreement of the forwards run inside (see the module docstring)."""
+    global _MEASURING
+    for chunk in chunks:
+        for router in routers(chunk, replaying_only=False):
+            if not hasattr(router, "_alp_counts"):
+                router._alp_counts = torch.zeros(2, dtype=torch.float64)
+                router.register_forward_pre_hook(_measure)
+    _MEASURING = True
+    try:
+        yield
+    finally:
+        _MEASURING = False
+
+
+def agreement(chunks, num_layers: int) -> dict:
+    """``routing_agreement`` (the share of real (token, MoE layer) pairs whose trainer top-k equals the
+    engine's) and ``routing_agreement_layer{l}``, over every rank's counts since the last call (then reset);
+    empty when nothing was counted. Collective over all ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    counts = torch.zeros(num_layers, 2, dtype=torch.float64)
+    sequence_parallel = False
+    for chunk in chunks:
+        for router in routers(chunk, replaying_only=False):
+            sequence_parallel = router.config.sequence_parallel
+            counts[router.layer_number - 1] += getattr(router, "_alp_counts", torch.zeros(2, dtype=torch.float64))
+            if hasattr(router, "_alp_counts"):
+                router._alp_counts.zero_()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    counts = counts.to(device) if device is not None else counts
+    groups = [parallel_state.get_data_parallel_group(with_context_parallel=True),
+              parallel_state.get_pipeline_model_parallel_group()]
+    if sequence_parallel:  # each tensor-parallel rank routed its own slice of the tokens
+        groups.append(parallel_state.get_tensor_model_parallel_group())
+    for group in groups:
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+    counts = counts.cpu()
+    if counts[:, 1].sum() == 0:
+        return {}
+    out = {"routing_agreement": float(counts[:, 0].sum() / counts[:, 1].sum())}
+    out.update({f"routing_agreement_layer{layer}": float(counts[layer, 0] / counts[layer, 1])
+                for layer in range(num_layers) if counts[layer, 1] > 0})
+    return out
 
 
 def _layer_indices(routes: torch.Tensor, real: torch.Tensor, layer: int) -> torch.Tensor:
@@ -58,36 +131,45 @@ def _layer_indices(routes: torch.Tensor, real: torch.Tensor, layer: int) -> torc
 def replaying(inner, micro: dict, perturbed: bool):
     """Run the forward inside this with ``inner``'s routers replaying ``micro``'s routes (see the module
     docstring). ``inner``: the bare ``GPTModel`` chunk; ``perturbed``: this forward carries ALP's noise."""
-    from megatron.core import parallel_state
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
     chunk_routers = routers(inner) if getattr(inner, "routing_replay", False) else []
     replay = (ROUTES_KEY in micro and chunk_routers
               and not (perturbed and not getattr(inner, "replay_routes_when_perturbed", True)))
+    engine = _engine_indices(inner, micro) if ROUTES_KEY in micro and (replay or _MEASURING) else {}
+    for router in routers(inner, replaying_only=False):
+        router._alp_engine = engine.get(router)
     if not replay:
         for router in chunk_routers:  # route normally (a stale backward mode would pop routes that are not there)
             router.router_replay.clear_router_replay_action()
         yield
         return
-    routes = micro[ROUTES_KEY]
-    real = _real_tokens(micro, routes.shape[:2])
-    shard = None
-    if inner.config.sequence_parallel:  # the router sees this tensor-parallel rank's slice of the sequence
-        size = parallel_state.get_tensor_model_parallel_world_size()
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        rows = routes.shape[0] * routes.shape[1] // size
-        shard = slice(rank * rows, (rank + 1) * rows)
     for router in chunk_routers:
-        indices = _layer_indices(routes, real, router.layer_number - 1)
-        if shard is not None:
-            indices = indices[shard]
-        router.router_replay.set_target_indices(indices.to(routes.device))
+        router.router_replay.set_target_indices(engine[router][0])
         router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
     try:
         yield
     finally:
         for router in chunk_routers:
             router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+
+
+def _engine_indices(inner, micro: dict) -> dict:
+    """Each router of ``inner`` -> (the engine's ``[rows, K]`` experts of its layer for the rows it sees,
+    ``[rows]`` bool: which rows are real tokens)."""
+    from megatron.core import parallel_state
+
+    routes = micro[ROUTES_KEY]
+    real = _real_tokens(micro, routes.shape[:2])
+    rows = real.transpose(0, 1).reshape(-1)  # seq-major, as the router sees its input
+    shard = slice(None)
+    if inner.config.sequence_parallel:  # the router sees this tensor-parallel rank's slice of the sequence
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        count = rows.numel() // size
+        shard = slice(rank * count, (rank + 1) * count)
+    return {router: (_layer_indices(routes, real, router.layer_number - 1)[shard].to(routes.device), rows[shard])
+            for router in routers(inner, replaying_only=False)}
 
 
 def clear(chunks) -> None:

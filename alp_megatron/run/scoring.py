@@ -15,6 +15,7 @@ import torch
 from alp_megatron.alp.advantages import grpo_advantages
 from alp_megatron.rewards.base import RewardError, compute_reward
 from alp_megatron.rollout.types import RolloutBatch, Sample
+from alp_megatron.sample import ROUTES
 from alp_megatron.trainer.batch import TrainingBatch, build_training_batch
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: i
         staleness.append(sample.metadata["staleness"])
         eos.append(sample.finish_reason == "stop")
     count = max(len(samples), 1)
+    routes = [s.extras[ROUTES] for s in samples if ROUTES in s.extras]
     metrics = {
         "reward_mean": sum(rewards) / count,
         "reward_max": max(rewards, default=0.0),
@@ -75,6 +77,8 @@ def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: i
         "groups_dropped": float(dropped),
         "samples": float(len(samples)),
     }
+    if routes:  # what MoE routes cost to carry, per sample
+        metrics["routes_bytes_per_sample"] = sum(r.numel() * r.element_size() for r in routes) / len(routes)
     return ScoredRollout(samples=samples, group_size=rollout.group_size, metrics=metrics)
 
 

@@ -291,8 +291,12 @@ class Actor:
                                               "rollout_logprobs", "advantages", "sample_ids", "lengths")})
         needs_old = get_loss_method(self.loss.method).needs_old_logprobs
         old, entropy, ref = None, None, None
+        agreement = {}
         if needs_old or self.config.compute_old_logprobs:
-            old, entropy = self._score(self.chunks, shares, lengths)
+            models = [c.module if hasattr(c, "module") else c for c in self.chunks]
+            with routing.measuring(models):  # the trainer's own MoE top-k against the engine's, unperturbed
+                old, entropy = self._score(self.chunks, shares, lengths)
+            agreement = routing.agreement(models, models[0].config.num_layers)
             _attach(local, shares, "old_logprobs", old)  # on the last stage, where the loss reads it
         if self.loss.kl_coef > 0:
             with self.reference.resident() as reference:
@@ -336,6 +340,7 @@ class Actor:
 
         metrics = self._batch_metrics(local, trained_logprobs, old, entropy, ref)
         metrics.update(_padding_metrics(tokens, len(shares)))
+        metrics.update(agreement)
         return ActorReport(losses=losses, grad_norms=grad_norms, applied=applied, skip_reasons=reasons,
                            metrics=metrics)
 

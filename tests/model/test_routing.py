@@ -81,8 +81,16 @@ def replay_probe(perturbed: bool, replay_when_perturbed: bool = True) -> dict:
                                         dtype=torch.uint8)
     replayed, changed = logits(own), logits(forced)
     after = (changed - natural).abs().amax(dim=-1).reshape(-1)  # [S] (b = 1): the largest change per position
-    return dict(own_equal=torch.equal(replayed, natural), before=float(after[:FORCED].max()),
-                from_forced=float(after[FORCED:].min()), at_forced=float(after[FORCED]))
+    result = dict(own_equal=torch.equal(replayed, natural), before=float(after[:FORCED].max()),
+                  from_forced=float(after[FORCED:].min()), at_forced=float(after[FORCED]))
+    if not perturbed:  # the agreement of the model's own top-k with routes: its own, then one token forced
+        from alp_megatron.model import routing
+
+        for routes in (own, forced):
+            with routing.measuring([chunk]):
+                logits(routes)
+            result.setdefault("agreement", []).append(routing.agreement([chunk], chunk.config.num_layers))
+    return result
 
 
 def test_replaying_the_models_own_routes_changes_nothing_and_one_forced_expert_changes_only_what_follows():
@@ -92,6 +100,11 @@ def test_replaying_the_models_own_routes_changes_nothing_and_one_forced_expert_c
     # over another set of tokens, and fp32 sums regroup)
     assert result["before"] <= 1e-6
     assert result["at_forced"] > 1e-3 and result["from_forced"] > 1e-6
+    own, forced = result["agreement"]
+    layers = len([key for key in own if key.startswith("routing_agreement_layer")])
+    assert own["routing_agreement"] == 1.0 and layers == 4
+    assert forced["routing_agreement_layer0"] == (SEQ - 1) / SEQ and forced["routing_agreement_layer1"] == 1.0
+    assert forced["routing_agreement"] == (4 * SEQ - 1) / (4 * SEQ)
 
 
 @pytest.mark.parametrize("replay_when_perturbed", [True, False])

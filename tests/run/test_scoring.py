@@ -6,6 +6,7 @@ from alp_megatron.data.prompts import Prompt
 from alp_megatron.rewards import RewardError, exact_match_reward
 from alp_megatron.rollout.types import RolloutBatch, Sample, WeightSpan
 from alp_megatron.run.scoring import score_rollout, training_batch
+from alp_megatron.sample import ROUTES
 
 
 class Characters:
@@ -39,6 +40,18 @@ def test_scores_each_sample_from_the_prompt_it_carries_and_a_bad_label_names_its
         score_rollout(rollout(prompt("43", 7), prompt(None, 8)), exact_match_reward, Characters(), 1)
     with pytest.raises(ValueError, match="sample 0 of group 1 carries no data prompt"):
         score_rollout(rollout(prompt("43", 7), None), exact_match_reward, Characters(), 1)
+
+
+def test_routes_report_their_bytes_per_sample():
+    import torch
+
+    batch = rollout(prompt("43", 7), prompt("12", 8))
+    for sample in batch.samples:
+        sample.extras[ROUTES] = torch.zeros(sample.length, 48, 8, dtype=torch.uint8)
+    scored = score_rollout(batch, exact_match_reward, Characters(), 1)
+    assert scored.metrics["routes_bytes_per_sample"] == 3 * 48 * 8  # 3 tokens x 48 layers x top-8, one byte each
+    assert "routes_bytes_per_sample" not in score_rollout(rollout(prompt("43", 7), prompt("12", 8)),
+                                                          exact_match_reward, Characters(), 1).metrics
 
 
 def test_the_training_batch_is_made_from_the_scored_records():

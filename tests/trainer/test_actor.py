@@ -130,6 +130,13 @@ def test_replayed_moe_routes_train_the_same_under_every_layout(moe_reference_dir
                      moe_reference_dir, "alp_seq")[0]
     assert one["reports"][0]["losses"] != pytest.approx(free["reports"][0]["losses"], rel=1e-3)
     assert one["reports"][0]["metrics"]["micro_batches"] >= 2
+    # random routes of top-2 of 4 experts: the trainer's own choice agrees for about 1 in 6 (token, layer)s,
+    # counted whether replayed or not (the first layer sees the same input either way: the same count), and
+    # the same over every layout (the counts are reduced over the ranks)
+    agreement = [report["metrics"]["routing_agreement"] for report in one["reports"]]
+    assert all(0.05 < a < 0.4 for a in agreement)
+    first_layer = [run["reports"][0]["metrics"]["routing_agreement_layer0"] for run in (one, free)]
+    assert first_layer[0] == first_layer[1]
     # 1F1B runs both forwards of stage 0 before its first backward: the recompute must replay the first
     # micro-batch's routes, not the last ones set (a single rank would not tell them apart)
     recompute = functools.partial(replay, model=ModelConfig(routing_replay="rollout", recompute="full"))
@@ -142,6 +149,7 @@ def test_replayed_moe_routes_train_the_same_under_every_layout(moe_reference_dir
                                      ("pp2", ParallelConfig(pipeline_parallel=2), 1e-6)):
         for result in run_ranks(2, replay, parallel, moe_reference_dir, "alp_seq"):
             _assert_same_training(result, one, f"replay {name}", loss_abs=loss_abs)
+            assert [report["metrics"]["routing_agreement"] for report in result["reports"]] == agreement, name
 
 
 def test_a_replaying_actor_refuses_samples_without_routes(moe_reference_dir):
