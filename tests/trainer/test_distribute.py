@@ -11,7 +11,7 @@ from alp_megatron.trainer.batch import build_training_batch, share_indices
 from alp_megatron.trainer.distribute import flatten, unflatten
 from tests.distributed import run_ranks
 
-pytestmark = pytest.mark.megatron
+pytestmark = [pytest.mark.megatron, pytest.mark.plumbing]
 
 LENGTHS = [30, 5, 12, 30, 7, 22, 3, 18]  # responses; prompts are 3 tokens
 
