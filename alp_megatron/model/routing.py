@@ -41,8 +41,11 @@ def routers(chunk, replaying_only: bool = True) -> list:
     (``replaying_only=False``) all."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    return [m for m in chunk.modules() if isinstance(m, TopKRouter)
-            and (not replaying_only or getattr(m, "router_replay", None) is not None)]
+    every = chunk.__dict__.get("_alp_routers")
+    if every is None:  # found once per chunk: every forward asks
+        every = [m for m in chunk.modules() if isinstance(m, TopKRouter)]
+        chunk.__dict__["_alp_routers"] = every
+    return [m for m in every if not replaying_only or getattr(m, "router_replay", None) is not None]
 
 
 def _real_tokens(micro: dict, shape: tuple[int, int]) -> torch.Tensor:
@@ -57,7 +60,7 @@ def _real_tokens(micro: dict, shape: tuple[int, int]) -> torch.Tensor:
 def _measure(router, args) -> None:
     """Forward pre-hook of a router: count the tokens whose own top-k equals the engine's."""
     engine = getattr(router, "_alp_engine", None)
-    if not _MEASURING or engine is None:
+    if not router._alp_measuring or engine is None:
         return
     indices, real = engine
     with torch.no_grad():
@@ -67,23 +70,20 @@ def _measure(router, args) -> None:
     router._alp_counts += torch.stack([(same & real).sum(), real.sum()]).to(torch.float64).cpu()
 
 
-_MEASURING = False
-
-
 @contextlib.contextmanager
 def measuring(chunks):
     """Count the routing agreement of the forwards run inside (see the module docstring)."""
-    global _MEASURING
-    for chunk in chunks:
-        for router in routers(chunk, replaying_only=False):
-            if not hasattr(router, "_alp_counts"):
-                router._alp_counts = torch.zeros(2, dtype=torch.float64)
-                router.register_forward_pre_hook(_measure)
-    _MEASURING = True
+    measured = [router for chunk in chunks for router in routers(chunk, replaying_only=False)]
+    for router in measured:
+        if not hasattr(router, "_alp_counts"):
+            router._alp_counts = torch.zeros(2, dtype=torch.float64)
+            router.register_forward_pre_hook(_measure)
+        router._alp_measuring = True
     try:
         yield
     finally:
-        _MEASURING = False
+        for router in measured:
+            router._alp_measuring = False
 
 
 def agreement(chunks, num_layers: int) -> dict:
@@ -136,8 +136,10 @@ def replaying(inner, micro: dict, perturbed: bool):
     chunk_routers = routers(inner) if getattr(inner, "routing_replay", False) else []
     replay = (ROUTES_KEY in micro and chunk_routers
               and not (perturbed and not getattr(inner, "replay_routes_when_perturbed", True)))
-    engine = _engine_indices(inner, micro) if ROUTES_KEY in micro and (replay or _MEASURING) else {}
-    for router in routers(inner, replaying_only=False):
+    every_router = routers(inner, replaying_only=False)
+    measure = any(getattr(router, "_alp_measuring", False) for router in every_router)
+    engine = _engine_indices(inner, micro, every_router) if ROUTES_KEY in micro and (replay or measure) else {}
+    for router in every_router:
         router._alp_engine = engine.get(router)
     if not replay:
         for router in chunk_routers:  # route normally (a stale backward mode would pop routes that are not there)
@@ -154,7 +156,7 @@ def replaying(inner, micro: dict, perturbed: bool):
             router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
 
 
-def _engine_indices(inner, micro: dict) -> dict:
+def _engine_indices(inner, micro: dict, every_router: list) -> dict:
     """Each router of ``inner`` -> (the engine's ``[rows, K]`` experts of its layer for the rows it sees,
     ``[rows]`` bool: which rows are real tokens)."""
     from megatron.core import parallel_state
@@ -169,7 +171,7 @@ def _engine_indices(inner, micro: dict) -> dict:
         count = rows.numel() // size
         shard = slice(rank * count, (rank + 1) * count)
     return {router: (_layer_indices(routes, real, router.layer_number - 1)[shard].to(routes.device), rows[shard])
-            for router in routers(inner, replaying_only=False)}
+            for router in every_router}
 
 
 def clear(chunks) -> None:
