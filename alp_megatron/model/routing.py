@@ -48,13 +48,16 @@ def routers(chunk, replaying_only: bool = True) -> list:
     return [m for m in every if not replaying_only or getattr(m, "router_replay", None) is not None]
 
 
-def _real_tokens(micro: dict, shape: tuple[int, int]) -> torch.Tensor:
-    """``[b, S]`` bool: True where the micro-batch holds a sample's token (False for padding)."""
+def _real_tokens(micro: dict, shape: tuple[int, int], but_last: bool = False) -> torch.Tensor:
+    """``[b, S]`` bool: True where the micro-batch holds a sample's token (False for padding); ``but_last``:
+    not its last token either (the engine never routed it: it was never an input)."""
     lengths = micro["lengths"].to("cpu")
-    columns = torch.arange(shape[1])
-    if "unpack_index" in micro:  # packed: one row, the samples back to back, then padding
-        return (columns < int(lengths.sum()))[None, :].expand(shape)
-    return columns[None, :] < lengths[:, None]
+    cut = int(but_last)
+    if "unpack_index" in micro:  # packed: one row, the samples back to back (positions restart), then padding
+        own_length = torch.repeat_interleave(lengths, lengths)
+        own_length = torch.cat([own_length, torch.zeros(shape[1] - own_length.numel(), dtype=own_length.dtype)])
+        return (micro["position_ids"].to("cpu")[0] < own_length - cut)[None, :].expand(shape)
+    return torch.arange(shape[1])[None, :] < (lengths - cut)[:, None]
 
 
 def _measure(router, args) -> None:
@@ -158,12 +161,13 @@ def replaying(inner, micro: dict, perturbed: bool):
 
 def _engine_indices(inner, micro: dict, every_router: list) -> dict:
     """Each router of ``inner`` -> (the engine's ``[rows, K]`` experts of its layer for the rows it sees,
-    ``[rows]`` bool: which rows are real tokens)."""
+    ``[rows]`` bool: which rows are tokens the engine routed)."""
     from megatron.core import parallel_state
 
     routes = micro[ROUTES_KEY]
     real = _real_tokens(micro, routes.shape[:2])
-    rows = real.transpose(0, 1).reshape(-1)  # seq-major, as the router sees its input
+    rows = _real_tokens(micro, routes.shape[:2], but_last=True).transpose(0, 1).reshape(-1)  # seq-major, as
+    # the router sees its input: the tokens whose agreement counts
     shard = slice(None)
     if inner.config.sequence_parallel:  # the router sees this tensor-parallel rank's slice of the sequence
         size = parallel_state.get_tensor_model_parallel_world_size()
