@@ -80,6 +80,12 @@ PORT_TAKEN_LOG_LINE = "error while attempting to bind on address"
 START_FAILURE_LOG_LINES: tuple[str, ...] = (PORT_TAKEN_LOG_LINE,)
 
 
+# Architectures whose SGLang 0.5.23 model class never ties lm_head to embed_tokens (models/qwen3_moe.py builds its
+# own ParallelLMHead whatever tie_word_embeddings says): a tied checkpoint has no lm_head.weight to load, so the
+# server would sample from a randomly initialised output layer, and no weight update could fix it.
+NEVER_TIED: tuple[str, ...] = ("Qwen3MoeForCausalLM",)
+
+
 def installed_version() -> Optional[Version]:
     """The installed sglang version, or None when sglang is not installed."""
     try:

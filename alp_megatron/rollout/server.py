@@ -232,6 +232,14 @@ class SGLangServer(ManagedService):
         return f"SGLangServer({self.url}, pid={self.pid}, {state})"
 
 
+def check_servable(architecture: str, tied_embeddings: bool) -> None:
+    """Refuse a checkpoint SGLang would serve wrongly, naming why (see ``patches/sglang.py``)."""
+    _require(not (tied_embeddings and architecture in sglang_patch.NEVER_TIED), "model.hf_path",
+             f"is a {architecture} with tie_word_embeddings=true, but SGLang {sglang_patch.SUPPORTED_VERSION}'s "
+             f"{architecture} never ties its lm_head to the embedding (it would serve an untrained output layer)",
+             "use a checkpoint with tie_word_embeddings=false (its own lm_head.weight)")
+
+
 def start_servers(configs: Sequence[ServerConfig], timeout: Optional[float] = None) -> list[SGLangServer]:
     """Start every server at once, then wait for all to be healthy; on any failure stop them all and raise."""
     servers = [SGLangServer(config) for config in configs]

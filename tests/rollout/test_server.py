@@ -164,3 +164,16 @@ def test_serve_stopped_while_starting_exits_at_once_leaving_no_process(model_dir
             serve.kill()
     assert serve.returncode == 0 and "stopped while the server was starting" in err, err[-2000:]
     assert not group_running(launchers[0])
+
+
+def test_a_tied_checkpoint_of_an_architecture_sglang_never_ties_is_refused():
+    """SGLang 0.5.23's Qwen3-MoE builds its own lm_head whatever tie_word_embeddings says: a tied checkpoint
+    would be served with an untrained output layer (measured: a tied tiny Qwen3-MoE's engine logprobs were
+    1.7 nats from the trainer's after the first weight sync)."""
+    from alp_megatron.rollout.server import check_servable
+
+    with pytest.raises(ConfigError, match="never ties its lm_head") as error:
+        check_servable("Qwen3MoeForCausalLM", tied_embeddings=True)
+    assert error.value.field == "model.hf_path"
+    check_servable("Qwen3MoeForCausalLM", tied_embeddings=False)
+    check_servable("LlamaForCausalLM", tied_embeddings=True)
