@@ -37,6 +37,8 @@ _SERVER_SETTINGS = {"tp_size": "rollout.server_tp_size", "dtype": "rollout.serve
                     "startup_timeout_s": "rollout.startup_timeout_s"}
 _SET_BY_THE_TRAINER = {**_SERVER_SETTINGS, "base_gpu_id": "rollout.server_first_gpu", "model_path": "model.hf_path"}
 
+TINY_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3MoeForCausalLM")
+
 
 @dataclass(frozen=True)
 class RunSection:
@@ -58,15 +60,19 @@ class RunSection:
 class ModelSection:
     """``hf_path``: the HF checkpoint to start from; ``null`` builds the embedded tiny char-level Llama (and
     warm-starts it for ``tiny_warm_start_steps`` supervised steps on the toy task; ``tiny_num_layers`` decoder
-    layers). ``megatron``: how the
+    layers of ``tiny_architecture``: the demo's Llama, or ``Qwen3MoeForCausalLM``). ``megatron``: how the
     trainer runs it (backend, dtype, recompute, MoE dispatcher, FP8)."""
 
     hf_path: Optional[str] = None
     tiny_warm_start_steps: int = 40
     tiny_num_layers: int = 2
+    tiny_architecture: str = "LlamaForCausalLM"
     megatron: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self):
+        if self.tiny_architecture not in TINY_ARCHITECTURES:
+            raise ConfigError("model.tiny_architecture", f"{self.tiny_architecture!r} is not a tiny model",
+                              f"use one of {TINY_ARCHITECTURES} (the dense demo's, or a tiny MoE)")
         if self.tiny_warm_start_steps < 0:
             raise ConfigError("model.tiny_warm_start_steps", "must be >= 0", "use 0 to skip the warm start")
         if self.tiny_num_layers < 1:

@@ -1,5 +1,7 @@
 """The run config's cross-section checks (alp_megatron/config.py): each names the field and the fix."""
 
+import os
+
 import pytest
 
 from alp_megatron.config import load_run_config
@@ -114,3 +116,17 @@ def test_fp8_settings_reach_the_run_config():
                                     "weight_sync.fp8_ignored_layers=[lm_head,mlp.gate]"))
     assert config.weight_sync.fp8_scale_format == "ue8m0"
     assert tuple(config.weight_sync.fp8_ignored_layers) == ("lm_head", "mlp.gate")
+
+
+def test_every_example_config_loads():
+    import glob
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert len(paths) >= 4
+    for path in paths:
+        assert load_run_config(path).run.steps > 0, path
+    moe = load_run_config(os.path.join(root, "cpu_tiny_moe.yaml"))
+    assert moe.model.tiny_architecture == "Qwen3MoeForCausalLM" and moe.model.megatron.routing_replay == "rollout"
+    with pytest.raises(ConfigError, match="model.tiny_architecture"):
+        load_run_config(None, ("model.tiny_architecture=MixtralForCausalLM",))

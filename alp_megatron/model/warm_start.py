@@ -24,22 +24,25 @@ TINY_DEMO_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=
                        num_key_value_heads=4, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True)
 
 
-def ensure_warm_started_model(folder: str, task: str, steps: int, seed: int, num_layers: int) -> str:
+def ensure_warm_started_model(folder: str, task: str, steps: int, seed: int, num_layers: int,
+                              architecture: str = "LlamaForCausalLM") -> str:
     """``folder`` with the warm-started tiny model, built only when it is not there yet, through a staging
     folder renamed at the end (a crash never leaves a half-written model behind)."""
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-        logger.info("building the tiny model (%d layers), %d warm-start steps on %s, seed %d",
-                    num_layers, steps, task, seed)
+        logger.info("building the tiny %s (%d layers), %d warm-start steps on %s, seed %d",
+                    architecture, num_layers, steps, task, seed)
         staging = folder + ".partial"
         shutil.rmtree(staging, ignore_errors=True)
-        build_warm_started_model(staging, task, steps, seed=seed, num_layers=num_layers)
+        build_warm_started_model(staging, task, steps, seed=seed, num_layers=num_layers, architecture=architecture)
         os.replace(staging, folder)
     return folder
 
 
 def build_warm_started_model(out_dir: str, task: str, steps: int, seed: int = 0, batch_size: int = 64,
-                             lr: float = 1e-3, num_layers: int = TINY_DEMO_SHAPE["num_hidden_layers"]) -> float:
-    """Write the tiny model (``num_layers`` decoder layers) to ``out_dir`` after ``steps`` supervised steps on
+                             lr: float = 1e-3, num_layers: int = TINY_DEMO_SHAPE["num_hidden_layers"],
+                             architecture: str = "LlamaForCausalLM") -> float:
+    """Write the tiny model (``num_layers`` decoder layers of ``architecture``: the demo's Llama, or a
+    Qwen3-MoE of 4 experts, top-2, in every layer) to ``out_dir`` after ``steps`` supervised steps on
     ``task``; return the last loss.
 
     Each step trains next-token cross-entropy on ``batch_size`` correct examples drawn with replacement
@@ -47,7 +50,10 @@ def build_warm_started_model(out_dir: str, task: str, steps: int, seed: int = 0,
     """
     from transformers import AutoModelForCausalLM
 
-    save_tiny_model(out_dir, "LlamaForCausalLM", seed=seed, **{**TINY_DEMO_SHAPE, "num_hidden_layers": num_layers})
+    shape = {**TINY_DEMO_SHAPE, "num_hidden_layers": num_layers}
+    if architecture == "Qwen3MoeForCausalLM":  # SGLang 0.5.23's Qwen3-MoE never ties its lm_head to the embedding
+        shape["tie_word_embeddings"] = False
+    save_tiny_model(out_dir, architecture, seed=seed, **shape)
     if steps == 0:
         return float("nan")
     tokenizer = build_char_tokenizer()

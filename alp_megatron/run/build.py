@@ -94,7 +94,8 @@ def _base_model(config) -> str:
         from alp_megatron.model.warm_start import ensure_warm_started_model
 
         ensure_warm_started_model(path, config.data.toy_task or "rev4", config.model.tiny_warm_start_steps,
-                                  seed=config.run.seed, num_layers=config.model.tiny_num_layers)
+                                  seed=config.run.seed, num_layers=config.model.tiny_num_layers,
+                                  architecture=config.model.tiny_architecture)
     dist.barrier()
     return path
 
@@ -147,6 +148,7 @@ def build_run(config, resume: bool) -> RunState:
 
     from alp_megatron.model.provider import initialize_parallel
     from alp_megatron.rollout.fleet import RolloutEngines, server_log_dir
+    from alp_megatron.rollout.server import check_servable
     from alp_megatron.run.metrics import MetricsLogger
     from alp_megatron.run.schedule import OneStepOff, Synchronous
 
@@ -192,6 +194,7 @@ def build_run(config, resume: bool) -> RunState:
         with open(os.path.join(out, "config.yaml"), "w") as handle:
             yaml.safe_dump(to_dict(config), handle, sort_keys=False)
         arch = policy.arch
+        check_servable(arch.architecture, arch.tie_word_embeddings)
         routes = ((arch.num_layers, arch.moe_topk, arch.num_experts)
                   if config.model.megatron.routing_replay == "rollout" else None)
         engines = RolloutEngines(config.rollout, hf_dir, server_log_dir(out), f"v{weight_version}",
