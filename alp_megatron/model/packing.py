@@ -73,7 +73,9 @@ def forward(model, micro: dict):
     inner = model
     while not hasattr(inner, "alp_backend") and hasattr(inner, "module"):
         inner = inner.module
-    perturbed = inner.training and any(source.enabled for source in noise_sources(inner))
+    # whether this forward carries ALP's noise matters only to a chunk that replays routes (a module walk)
+    perturbed = (getattr(inner, "routing_replay", False) and inner.training
+                 and any(source.enabled for source in noise_sources(inner)))
     with routing.replaying(inner, micro, perturbed):
         return _forward(model, inner, micro)
 

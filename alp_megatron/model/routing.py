@@ -70,7 +70,8 @@ def _measure(router, args) -> None:
         own = router.gating(args[0]).reshape(-1, router.config.num_moe_experts).topk(indices.shape[-1]).indices
     same = (own.sort(-1).values == indices.to(own.device).sort(-1).values).all(-1)
     real = real.to(own.device)
-    router._alp_counts += torch.stack([(same & real).sum(), real.sum()]).to(torch.float64).cpu()
+    counts = torch.stack([(same & real).sum(), real.sum()]).to(torch.float64)  # stays on the device: no sync
+    router._alp_counts = router._alp_counts.to(own.device) + counts
 
 
 @contextlib.contextmanager
@@ -89,23 +90,24 @@ def measuring(chunks):
             router._alp_measuring = False
 
 
-def agreement(chunks, num_layers: int) -> dict:
+def agreement(chunks) -> dict:
     """``routing_agreement`` (the share of real (token, MoE layer) pairs whose trainer top-k equals the
     engine's) and ``routing_agreement_layer{l}``, over every rank's counts since the last call (then reset);
-    empty when nothing was counted. Collective over all ranks."""
+    empty when nothing was counted. ``chunks``: bare ``GPTModel`` chunks. Collective over all ranks."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from alp_megatron.model.provider import rank_device
+
+    num_layers = chunks[0].config.num_layers
     counts = torch.zeros(num_layers, 2, dtype=torch.float64)
-    sequence_parallel = False
+    sequence_parallel = chunks[0].config.sequence_parallel
     for chunk in chunks:
         for router in routers(chunk, replaying_only=False):
-            sequence_parallel = router.config.sequence_parallel
-            counts[router.layer_number - 1] += getattr(router, "_alp_counts", torch.zeros(2, dtype=torch.float64))
             if hasattr(router, "_alp_counts"):
-                router._alp_counts.zero_()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    counts = counts.to(device) if device is not None else counts
+                counts[router.layer_number - 1] += router._alp_counts.cpu()
+                router._alp_counts = torch.zeros(2, dtype=torch.float64)
+    counts = counts.to(rank_device())  # NCCL reduces device tensors
     groups = [parallel_state.get_data_parallel_group(with_context_parallel=True),
               parallel_state.get_pipeline_model_parallel_group()]
     if sequence_parallel:  # each tensor-parallel rank routed its own slice of the tokens

@@ -30,7 +30,6 @@ from alp_megatron.sample import ROUTES
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class SamplerConfig:
     """``groups_in_flight`` bounds the concurrent ``/generate`` calls (each carries ``sampling.n`` samples);

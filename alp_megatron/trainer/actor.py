@@ -239,7 +239,7 @@ class Actor:
 
             return output, collect
 
-        models = [c.module if hasattr(c, "module") else c for c in chunks]
+        models = _bare(chunks)
         vp = len(chunks)
         with alp_disabled(*models):
             for chunk in chunks:
@@ -270,7 +270,7 @@ class Actor:
 
     def _check_routes(self, shares: list[TrainingBatch]) -> None:
         """A model that replays MoE routes trains only on samples that carry them (else it would silently not)."""
-        replays = any(getattr(c.module if hasattr(c, "module") else c, "routing_replay", False) for c in self.chunks)
+        replays = any(getattr(chunk, "routing_replay", False) for chunk in _bare(self.chunks))
         if replays and any(ROUTES not in share.extras for share in shares):
             raise ConfigError("model.megatron.routing_replay",
                               "is rollout, but the training batch carries no routes (Sample.extras['routed_experts'])",
@@ -293,10 +293,10 @@ class Actor:
         old, entropy, ref = None, None, None
         agreement = {}
         if needs_old or self.config.compute_old_logprobs:
-            models = [c.module if hasattr(c, "module") else c for c in self.chunks]
+            models = _bare(self.chunks)
             with routing.measuring(models):  # the trainer's own MoE top-k against the engine's, unperturbed
                 old, entropy = self._score(self.chunks, shares, lengths)
-            agreement = routing.agreement(models, models[0].config.num_layers)
+            agreement = routing.agreement(models)
             _attach(local, shares, "old_logprobs", old)  # on the last stage, where the loss reads it
         if self.loss.kl_coef > 0:
             with self.reference.resident() as reference:
@@ -405,6 +405,11 @@ def _rows(reports: list, micro_batches: list, name: str, share: TrainingBatch) -
         values = report[name]
         out[micro["rows"], : values.shape[1]] = values
     return out
+
+
+def _bare(chunks: list) -> list:
+    """The ``GPTModel`` chunks inside ``chunks`` (DDP-wrapped or bare)."""
+    return [c.module if hasattr(c, "module") else c for c in chunks]
 
 
 def _on_device(micro: dict) -> dict:

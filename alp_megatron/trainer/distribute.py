@@ -66,8 +66,9 @@ def unflatten(flat: dict[str, torch.Tensor], pad_id: int = 0, pad_to_multiple: i
     extras = {}
     for key, value in flat.items():
         if key.startswith(EXTRA_PREFIX):
-            extras[key[len(EXTRA_PREFIX):]] = value.new_zeros((count, seq_length, *value.shape[1:]), device="cpu")
-            extras[key[len(EXTRA_PREFIX):]][real] = value.cpu()
+            name = key[len(EXTRA_PREFIX):]
+            extras[name] = value.new_zeros((count, seq_length, *value.shape[1:]), device="cpu")
+            extras[name][real] = value.cpu()
     targets = torch.full_like(rows["tokens"], pad_id)
     targets[:, :-1] = rows["tokens"][:, 1:]
     return TrainingBatch(tokens=rows["tokens"], targets=targets,

@@ -89,7 +89,7 @@ def replay_probe(perturbed: bool, replay_when_perturbed: bool = True) -> dict:
         for routes in (own, forced):
             with routing.measuring([chunk]):
                 logits(routes)
-            result.setdefault("agreement", []).append(routing.agreement([chunk], chunk.config.num_layers))
+            result.setdefault("agreement", []).append(routing.agreement([chunk]))
     return result
 
 
