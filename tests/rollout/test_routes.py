@@ -122,3 +122,30 @@ def test_a_continued_sample_joins_its_routes_without_a_gap_or_a_repeat():
     joined = _extend(partial, more)
     assert joined.length == 9 and joined.loss_mask == [1] * 6
     assert torch.equal(joined.extras[ROUTES][:8], rows[:8]) and joined.extras[ROUTES].shape[0] == 9
+
+
+def test_bad_routes_are_refused_naming_the_request():
+    """Routes of the wrong length or layer count, or naming an expert the model lacks, never become a sample."""
+    import base64
+
+    import numpy as np
+
+    from alp_megatron.rollout.client import parse_completion
+    from alp_megatron.rollout.errors import MalformedResponseError
+
+    def answer(routes):  # a prompt of 3 tokens and 2 output tokens: 4 input tokens have routes
+        return {"output_ids": [5, 6], "meta_info": {
+            "finish_reason": {"type": "length"}, "weight_version": "v0", "prompt_tokens": 3, "completion_tokens": 2,
+            "routed_experts": base64.b64encode(np.asarray(routes, dtype="<i4").tobytes()).decode()}}
+
+    good = np.zeros((4, LAYERS, TOP_K), dtype=np.int32)
+    parsed = parse_completion(answer(good), "r1", "http://e", with_logprobs=False, routed_experts=MOE_ROUTES)
+    assert parsed.routed_experts.shape == (4, LAYERS, TOP_K)
+    for name, routes, message in [
+        ("a row short", good[:3], "not 4 input tokens x 2 layers x 2 experts"),
+        ("a layer short", good[:, :1], "not 4 input tokens x 2 layers x 2 experts"),
+        ("an expert the model lacks", np.full((4, LAYERS, TOP_K), EXPERTS), r"outside \[0, 4\)"),
+    ]:
+        with pytest.raises(MalformedResponseError, match=message) as error:
+            parse_completion(answer(routes), "request g7", "http://e", with_logprobs=False, routed_experts=MOE_ROUTES)
+        assert "g7" in str(error.value), name
