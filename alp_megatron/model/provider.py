@@ -116,6 +116,7 @@ class ModelConfig:
     moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     moe_aux_loss_coeff: float = 0.0
     routing_replay: Literal["none", "rollout"] = "none"  # MoE: replay the engine's routes (R3)
+    routing_agreement: bool = False  # MoE without replay: fetch the engine's routes anyway, to report agreement
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     fp8_recipe: Literal["blockwise", "tensorwise", "delayed", "mxfp8"] = "blockwise"
     seed: int = 1234
@@ -252,6 +253,9 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, model: ModelCo
     if model.routing_replay == "rollout":
         _check_replayable(arch, kwargs)
         kwargs.update(moe_enable_routing_replay=True)
+    if model.routing_agreement and not arch.is_moe:
+        raise ConfigError("model.megatron.routing_agreement", f"is true, but {arch.architecture} has no MoE layers",
+                          "set model.megatron.routing_agreement=false")
     try:
         return TransformerConfig(**kwargs)
     except (AssertionError, ValueError, TypeError) as error:

@@ -18,6 +18,8 @@ from alp_megatron.trainer.policy import Policy
 from alp_megatron.bridge.weight_update import TrainerWeightSync, check_transport_reaches_engines
 
 if TYPE_CHECKING:  # imported where built: the rollout side exists on global rank 0 only
+    from alp_megatron.model.arch import ModelArch
+    from alp_megatron.model.provider import ModelConfig
     from alp_megatron.rewards.base import AsyncRewardFunction, RewardFunction
     from alp_megatron.rollout.fleet import RolloutEngines
     from alp_megatron.run.metrics import MetricsLogger
@@ -83,6 +85,15 @@ class RunState:
         if self.metrics_logger is not None:
             self.metrics_logger.close()
 
+
+
+def engine_routes(megatron: "ModelConfig", arch: "ModelArch") -> Optional[tuple[int, int, int]]:
+    """(layers, top_k, experts) of the MoE routes the engines return with every sample, when the trainer
+    replays them or reports its agreement with them; None: no routes asked for (they cost
+    ``tokens x layers x top_k`` bytes per sample, see :mod:`alp_megatron.model.routing`)."""
+    if megatron.routing_replay == "rollout" or megatron.routing_agreement:
+        return arch.num_layers, arch.moe_topk, arch.num_experts
+    return None
 
 def _base_model(config) -> str:
     """The HF checkpoint the run starts from; the embedded tiny model is built (once) by rank 0."""
@@ -195,8 +206,7 @@ def build_run(config, resume: bool) -> RunState:
             yaml.safe_dump(to_dict(config), handle, sort_keys=False)
         arch = policy.arch
         check_servable(arch.architecture, arch.tie_word_embeddings)
-        routes = ((arch.num_layers, arch.moe_topk, arch.num_experts)
-                  if config.model.megatron.routing_replay == "rollout" else None)
+        routes = engine_routes(config.model.megatron, arch)
         engines = RolloutEngines(config.rollout, hf_dir, server_log_dir(out), f"v{weight_version}",
                                  arch.vocab_size, trainer_gpus_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                                  routed_experts=routes)

@@ -128,6 +128,8 @@ def test_replay_is_refused_where_it_would_not_happen():
                                                                extra={"moe_router_fusion": True}))
     with pytest.raises(ConfigError, match="has no MoE layers"):
         transformer_config(arch_for(Layout("routing")), ParallelConfig(), ModelConfig(routing_replay="rollout"))
+    with pytest.raises(ConfigError, match="routing_agreement.*has no MoE layers"):
+        transformer_config(arch_for(Layout("routing")), ParallelConfig(), ModelConfig(routing_agreement=True))
 
 
 def engine_agreement(folder: str, tokens: list, engine_routes: list, engine_logprobs: list, prompt: int) -> dict:
@@ -187,3 +189,14 @@ def test_the_engines_routes_are_the_trainers_top_k_and_replayed_give_the_engines
                            list(completion.output_logprobs), len(prompt))[0]
         assert result["order_equal"] == 1.0
         assert result["max_logprob_diff"] <= 1e-4
+
+
+@pytest.mark.plumbing
+def test_the_engines_return_routes_when_replayed_or_measured_only():
+    from alp_megatron.run.build import engine_routes
+
+    moe = arch_for(Layout("routing", MOE))
+    assert engine_routes(ModelConfig(), moe) is None  # they cost bytes per token: not asked for by default
+    routes = (moe.num_layers, moe.moe_topk, moe.num_experts)
+    assert engine_routes(ModelConfig(routing_replay="rollout"), moe) == routes
+    assert engine_routes(ModelConfig(routing_agreement=True), moe) == routes  # agreement without replay
