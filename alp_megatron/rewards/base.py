@@ -19,12 +19,12 @@ which check the returned value and name the function when it is wrong.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from typing import Any, Awaitable, Callable, Dict, Mapping, Protocol, Union, runtime_checkable
 
 from alp_megatron.errors import AlpError, ConfigError
+from alp_megatron.plugins import import_object
 
 
 class RewardError(AlpError, ValueError):
@@ -96,42 +96,6 @@ def _check_signature(fn: Any, spec: str, field: str) -> None:
         ) from None
 
 
-def _split_path(spec: str, field: str) -> tuple[str, str]:
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name.strip() or not attr_path.strip() or ":" in attr_path:
-        raise ConfigError(
-            field,
-            f"{spec!r} is neither a built-in reward ({', '.join(sorted(BUILTIN_REWARDS))}) "
-            "nor a Python path of the form 'package.module:function'",
-            "use one of the built-in names, or 'package.module:function' naming a function importable here",
-        )
-    return module_name.strip(), attr_path.strip()
-
-
-def _import_module(module_name: str, spec: str, field: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name is not None and (module_name == error.name or module_name.startswith(error.name + ".")):
-            raise ConfigError(
-                field,
-                f"module {module_name!r} of {spec!r} was not found (no module named {error.name!r})",
-                "check the spelling, install the package that holds it, or add its folder to PYTHONPATH",
-            ) from error
-        raise ConfigError(
-            field,
-            f"module {module_name!r} of {spec!r} was found but importing it failed: it imports "
-            f"{error.name!r}, which is not installed",
-            f"install the package that provides {error.name!r}",
-        ) from error
-    except Exception as error:
-        raise ConfigError(
-            field,
-            f"importing module {module_name!r} of {spec!r} raised {type(error).__name__}: {error}",
-            "fix the error in that module (import it in a Python shell to see the traceback)",
-        ) from error
-
-
 def load_reward_function(spec: str, field: str = "reward.function") -> AnyRewardFunction:
     """The reward function named by ``spec``: a key of :data:`BUILTIN_REWARDS` or "package.module:attribute".
 
@@ -148,21 +112,7 @@ def load_reward_function(spec: str, field: str = "reward.function") -> AnyReward
     spec = spec.strip()
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]()
-    module_name, attr_path = _split_path(spec, field)
-    target: Any = _import_module(module_name, spec, field)
-    walked = module_name
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            available = sorted(n for n in dir(target) if not n.startswith("_") and callable(getattr(target, n)))
-            shown = ", ".join(available[:20]) + (", ..." if len(available) > 20 else "")
-            raise ConfigError(
-                field,
-                f"{walked!r} has no attribute {part!r} (looking up {spec!r}); its public callables are: "
-                f"{shown or 'none'}",
-                "check the name after the ':'",
-            )
-        target = getattr(target, part)
-        walked = f"{walked}:{part}" if walked == module_name else f"{walked}.{part}"
+    target = import_object(spec, field, "reward", BUILTIN_REWARDS)
     if inspect.isclass(target):
         raise ConfigError(
             field,
