@@ -20,6 +20,7 @@ from alp_megatron.config_loading import build, load_yaml, merge, parse_overrides
 from alp_megatron.errors import ConfigError
 from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.rewards.math_verifier import MathVerifierConfig
+from alp_megatron.rollout.agent import AgentConfig
 from alp_megatron.rollout.types import SamplingConfig
 from alp_megatron.trainer.actor import CONTEXT_PARALLEL_NOT_BUILT, ActorConfig
 from alp_megatron.trainer.checkpoint import CheckpointConfig
@@ -153,6 +154,8 @@ class RolloutSection:
     # at sampling.temperature. The engine returns the logprobs of the distribution it sampled from (the
     # loss denominator), so this is a controlled behaviour-policy mismatch. null: no mismatch.
     engine_temperature: Optional[float] = None
+    # Multi-turn rollouts with a tool (alp_megatron.rollout.agent): null keeps single-turn sampling.
+    agent: Optional[AgentConfig] = None
 
     def __post_init__(self):
         if self.mode not in ROLLOUT_MODES:

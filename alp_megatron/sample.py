@@ -87,9 +87,12 @@ class Sample:
 
     @property
     def status(self) -> str:
-        """``complete`` (the model stopped), ``truncated`` (it hit the token budget) or ``aborted`` (partial)."""
+        """``complete`` (the model stopped), ``truncated`` (it hit the token budget or, multi-turn, the turn
+        limit), ``void`` (multi-turn: a turn with neither a tool call nor an answer) or ``aborted`` (partial)."""
         if self.aborted or self.finish_reason == "abort":
             return "aborted"
+        if self.metadata.get("agent", {}).get("ending") == "void":
+            return "void"
         return "truncated" if self.finish_reason == "length" else "complete"
 
     @property

@@ -172,16 +172,19 @@ class RolloutClient:
     # generation
 
     async def generate(self, input_ids: Sequence[int], sampling_params: dict, rid: Optional[str] = None,
-                       return_logprob: bool = True, routes_start: int = 0) -> Completion:
+                       return_logprob: bool = True, routes_start: int = 0,
+                       prefer: Optional[str] = None) -> Completion:
         """One response to ``input_ids`` (with per-token logprobs unless ``return_logprob`` is False).
 
         ``rid`` (default: a fresh id) is the request id :meth:`abort` takes; a retry sends ``rid~attempt``.
         ``routes_start``: with ``config.routed_experts``, the routes come back from this token of
         ``input_ids`` on (a continuation asks only for what it adds; SGLang's ``routed_experts_start_len``).
+        ``prefer``: the URL to send it to while that server is up (the turns of one trajectory go to one
+        server, whose prefix cache holds their context), else the usual pick.
         """
         rid = rid or self.new_rid("r")
         (completion,) = await self._generate([list(map(int, input_ids))], sampling_params, return_logprob,
-                                             label=rid, rid=rid, routes_start=routes_start)
+                                             label=rid, rid=rid, routes_start=routes_start, prefer=prefer)
         return completion
 
     async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling_params,
@@ -200,7 +203,8 @@ class RolloutClient:
                                     label=label or self.new_rid("batch"), rid=None)
 
     async def _generate(self, prompts: list[list[int]], sampling_params, return_logprob: bool,
-                        label: str, rid: Optional[str], routes_start: int = 0) -> list[Completion]:
+                        label: str, rid: Optional[str], routes_start: int = 0,
+                        prefer: Optional[str] = None) -> list[Completion]:
         self._check_prompts(prompts, label)
         if not 0 <= routes_start <= min(len(prompt) for prompt in prompts):
             raise ValueError(f"{label}: routes_start {routes_start} is outside the prompt [0, {len(prompts[0])}]")
@@ -221,7 +225,7 @@ class RolloutClient:
         tried: list[str] = []
         last_error: Optional[EngineError] = None
         for attempt in range(self.config.max_attempts):
-            endpoint = self._pick(avoid=tried[-1:] if len(self._endpoints) > 1 else ())
+            endpoint = self._pick(avoid=tried[-1:] if len(self._endpoints) > 1 else (), prefer=prefer)
             if rid is not None:
                 body["rid"] = rid if attempt == 0 else f"{rid}~{attempt}"
             self.stats.attempts += 1
@@ -290,8 +294,11 @@ class RolloutClient:
         endpoint.failures = 0
         return payload
 
-    def _pick(self, avoid: Sequence[str] = ()) -> _Endpoint:
+    def _pick(self, avoid: Sequence[str] = (), prefer: Optional[str] = None) -> _Endpoint:
         now = time.monotonic()
+        for endpoint in self._endpoints:
+            if endpoint.url == prefer and endpoint.url not in avoid and endpoint.down_until <= now:
+                return endpoint
         candidates = [e for e in self._endpoints if e.url not in avoid and e.down_until <= now]
         if not candidates:
             candidates = [e for e in self._endpoints if e.down_until <= now] or self._endpoints

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Optional, Sequence
 
 from alp_megatron.errors import ConfigError
+from alp_megatron.rollout.agent import Agent
 from alp_megatron.rollout.client import ClientConfig, RolloutClient
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.router import RouterConfig, SGLangRouter
@@ -90,8 +91,14 @@ class RolloutEngines:
             sampling = rollout_config.sampling
             if rollout_config.engine_temperature is not None:  # a deliberate behaviour-policy mismatch
                 sampling = dataclasses.replace(sampling, temperature=rollout_config.engine_temperature)
+            agent = None
+            if rollout_config.agent is not None:  # multi-turn: the served model's tokenizer reads and writes turns
+                from transformers import AutoTokenizer
+
+                agent = Agent(rollout_config.agent, AutoTokenizer.from_pretrained(model_path))
             self.sampler = Sampler(client, SamplerConfig(sampling=sampling,
-                                                         groups_in_flight=rollout_config.groups_in_flight))
+                                                         groups_in_flight=rollout_config.groups_in_flight),
+                                   agent=agent)
             self.controls = [EngineControl(url, api_key=rollout_config.api_key) for url in self.worker_urls]
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)

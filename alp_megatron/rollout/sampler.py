@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,9 @@ from alp_megatron.rollout.client import RolloutClient
 from alp_megatron.rollout.errors import EngineError
 from alp_megatron.rollout.types import Completion, RolloutBatch, Sample, SamplingConfig, WeightSpan
 from alp_megatron.sample import ROUTES
+
+if TYPE_CHECKING:
+    from alp_megatron.rollout.agent import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +59,10 @@ class RolloutError(AlpError):
 class Sampler:
     """Runs rollouts through a :class:`RolloutClient` (implements ``RolloutEngine``)."""
 
-    def __init__(self, client: RolloutClient, config: SamplerConfig = SamplerConfig()):
+    def __init__(self, client: RolloutClient, config: SamplerConfig = SamplerConfig(), agent: Optional["Agent"] = None):
         self.client = client
         self.config = config
+        self.agent = agent  # multi-turn: each sample is a trajectory of model turns and tool calls
         self._aborted = False
 
     @property
@@ -112,6 +116,9 @@ class Sampler:
         n = self.config.sampling.n
         params = self.config.sampling.sglang_params()
         try:
+            if self.agent is not None:
+                return await self.agent.group(self.client, prompt, self.config.sampling, group_id,
+                                              lambda: self._aborted)
             if self.config.sampling.seed is None:
                 completions = await self.client.generate_batch([prompt] * n, params, label=f"group {group_id}")
             else:
@@ -149,7 +156,7 @@ class Sampler:
             except EngineError as error:
                 raise RolloutError(f"continuing sample {sample.sample_index} of group {sample.group_id} "
                                    f"after {len(sample.response_ids)} tokens failed: {error}") from error
-            sample = _extend(sample, more)
+            sample = append_completion(sample, more)
         return sample
 
     @staticmethod
@@ -206,7 +213,7 @@ def _with_last_row(routes: torch.Tensor) -> torch.Tensor:
     return torch.cat([routes, filler])
 
 
-def _extend(sample: Sample, more: Completion) -> Sample:
+def append_completion(sample: Sample, more: Completion) -> Sample:
     """``sample`` followed by the continuation ``more`` (spans shifted by the tokens already generated)."""
     offset = len(sample.response_ids)
     spans = list(sample.weight_versions)
@@ -217,8 +224,9 @@ def _extend(sample: Sample, more: Completion) -> Sample:
         else:
             spans.append(shifted)
     extras = dict(sample.extras)
-    if more.routed_experts is not None:  # the rows so far (less the filler of the last token), then the new ones
-        known = sample.extras[ROUTES][: sample.length - 1]
+    if more.routed_experts is not None:  # the rows before the request's first (fillers after them), the new ones
+        known = (sample.extras[ROUTES][: more.routes_start] if ROUTES in sample.extras  # none yet: a first step
+                 else torch.from_numpy(more.routed_experts[:0]))
         extras[ROUTES] = _with_last_row(torch.cat([known, torch.from_numpy(more.routed_experts)]))
     return replace(
         sample,

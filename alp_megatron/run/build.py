@@ -137,11 +137,17 @@ def check_model_folder(hf_path: str) -> None:
 
 
 def check_run_inputs(config) -> None:
-    """What can be checked before anything starts, beyond the config's own checks: the model folder and the
-    reward function (the dataset rows are checked when rank 0 reads them, before the model is built)."""
+    """What can be checked before anything starts, beyond the config's own checks: the model folder, the
+    reward function and a multi-turn rollout's tool and turn format (the dataset rows are checked when rank 0
+    reads them, before the model is built)."""
     if config.model.hf_path:
         check_model_folder(config.model.hf_path)
     reward_function(config)
+    if config.rollout.agent is not None:  # an unknown tool or turn format fails now, not at the first rollout
+        from alp_megatron.rollout.tools import load_format, load_tool
+
+        load_tool(config.rollout.agent.tool, config.rollout.agent.sandbox, field="rollout.agent.tool")
+        load_format(config.rollout.agent.format, field="rollout.agent.format")
 
 
 def reward_function(config):

@@ -14,6 +14,7 @@ import torch
 
 from alp_megatron.alp.advantages import grpo_advantages
 from alp_megatron.rewards.base import RewardError, compute_reward
+from alp_megatron.rollout.agent import trajectory_metrics
 from alp_megatron.rollout.types import RolloutBatch, Sample
 from alp_megatron.sample import ROUTES
 from alp_megatron.trainer.batch import TrainingBatch, build_training_batch
@@ -77,6 +78,7 @@ def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: i
         "groups_dropped": float(dropped),
         "samples": float(len(samples)),
     }
+    metrics.update(trajectory_metrics(samples))
     if routes:  # what MoE routes cost to carry, per sample
         metrics["routes_bytes_per_sample"] = sum(r.numel() * r.element_size() for r in routes) / len(routes)
     return ScoredRollout(samples=samples, group_size=rollout.group_size, metrics=metrics)

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from alp_megatron.model.tiny import build_char_tokenizer
+from alp_megatron.rollout.agent import Agent, AgentConfig
 from alp_megatron.rollout.client import ClientConfig, RolloutClient
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.process import group_running, group_shared_memory
@@ -15,6 +17,7 @@ from alp_megatron.rollout.router import RouterConfig, SGLangRouter
 from alp_megatron.rollout.sampler import Sampler, SamplerConfig
 from alp_megatron.rollout.server import ServerSupervisor
 from alp_megatron.rollout.types import SamplingConfig
+from tests.rollout.test_agent import CountingTool, DigitCalls
 
 
 @pytest.fixture(scope="module")
@@ -80,36 +83,51 @@ def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, serv
     requests to the other worker) and one whose client talks to both servers directly (our client
     re-requests them on the survivor)."""
     survivor, victim = servers
-    prompts = [[1, 10 + i, 11 + i] for i in range(8)]
+    prompts = [[1, 10 + i, 11 + i] for i in range(4)]  # 2 x 4 x n=2 single-turn + 4 trajectories: < 16 a server
     sampling = dict(n=2, max_new_tokens=80, ignore_eos=True)
     via_router = _sampler(router, servers, client_config, **sampling)
     direct = Sampler(RolloutClient(ClientConfig(urls=[server.url for server in servers],
                                                 vocab_size=client_config.vocab_size, retry_backoff_s=0.2)),
                      SamplerConfig(SamplingConfig(**sampling), groups_in_flight=4, show_progress=False))
+    agent = Agent(AgentConfig(max_turns=40, observation_tokens=6), build_char_tokenizer(), tool=CountingTool(),
+                  turn_format=DigitCalls("0123456789aeiou", always_call=True))  # steps of a few tokens
+
+    def multi_turn_sampler(urls):
+        return Sampler(RolloutClient(ClientConfig(urls=urls, vocab_size=client_config.vocab_size, retry_backoff_s=0.2)),
+                       SamplerConfig(SamplingConfig(**sampling), groups_in_flight=4, show_progress=False), agent=agent)
+
+    for server in servers:  # a fresh server's first stop-string requests are slow: warm both before the clock runs
+        multi_turn_sampler([server.url]).run(prompts[:1])
+    multi_turn = multi_turn_sampler([server.url for server in servers])
     for server in servers:
         EngineControl(server.url).slow_down(0.02)
     old_pid = victim.pid
     left_behind = [path for path in group_shared_memory(old_pid) if "/sglang_loads_" in path]
 
     async def scenario():
-        rollouts = asyncio.gather(via_router.rollout(prompts), direct.rollout(prompts))
+        rollouts = asyncio.gather(via_router.rollout(prompts), direct.rollout(prompts),
+                                  multi_turn.rollout(prompts[:2]))
         try:
             await asyncio.sleep(1.5)
             assert not rollouts.done(), "the rollouts ended before the kill; slow the servers down more"
             os.killpg(victim.pid, signal.SIGKILL)
             return await rollouts
         finally:
-            await via_router.client.close()
-            await direct.client.close()
+            for sampler in (via_router, direct, multi_turn):
+                await sampler.client.close()
 
     with ServerSupervisor(servers, interval_s=1.0) as supervisor:
         try:
             batches = asyncio.run(scenario())
         finally:
             EngineControl(survivor.url).slow_down(None)
-        for batch in batches:
+        for batch in batches[:2]:
             _assert_every_group_full(batch, prompts, 2)
             assert all(len(sample.response_ids) == 80 for sample in batch.samples)
+        # multi-turn: a trajectory whose server died goes on from its token ids on the other one
+        _assert_every_group_full(batches[2], prompts[:2], 2)
+        moved = [s for s in batches[2].samples if len(s.metadata["agent"]["servers"]) == 2]
+        assert moved and all(s.metadata["agent"]["steps"] >= 2 for s in moved)
         assert direct.client.stats.failures_by_url.get(victim.url, 0) >= 1  # requests were re-requested
 
         deadline = time.monotonic() + victim.config.startup_timeout_s + 60

@@ -109,7 +109,7 @@ def test_with_a_router_in_front_the_routes_come_from_the_workers_directly(moe_se
 
 
 def test_a_continued_sample_joins_its_routes_without_a_gap_or_a_repeat():
-    from alp_megatron.rollout.sampler import _extend, _with_last_row
+    from alp_megatron.rollout.sampler import _with_last_row, append_completion
     from alp_megatron.rollout.types import Completion, Sample, WeightSpan
 
     rows = torch.arange(9 * LAYERS * TOP_K, dtype=torch.uint8).reshape(9, LAYERS, TOP_K)  # 3 prompt + 6 tokens
@@ -119,7 +119,7 @@ def test_a_continued_sample_joins_its_routes_without_a_gap_or_a_repeat():
     more = Completion(rid="r", url="u", output_ids=(6, 7, 8, 9), output_logprobs=(-1.0,) * 4, finish_reason="length",
                       weight_version="v1", weight_spans=(WeightSpan("v1", 0, 4),), prompt_tokens=5,
                       routed_experts=rows[4:8].numpy(), routes_start=4)  # asked from token 4: the one without a row
-    joined = _extend(partial, more)
+    joined = append_completion(partial, more)
     assert joined.length == 9 and joined.loss_mask == [1] * 6
     assert torch.equal(joined.extras[ROUTES][:8], rows[:8]) and joined.extras[ROUTES].shape[0] == 9
 
