@@ -34,6 +34,12 @@ from alp_megatron.rollout.types import Completion, WeightSpan
 logger = logging.getLogger(__name__)
 
 
+KEEPALIVE_S = 4.0
+"""Idle connections are dropped after this long: before SGLang's server closes them (5 s,
+``SGLANG_TIMEOUT_KEEP_ALIVE``), which would otherwise fail the next request sent on one (``Server disconnected``,
+seen at the start of every rollout that followed more than 5 s of idling) and mark the server down."""
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """Where and how to send requests.
@@ -153,7 +159,7 @@ class RolloutClient:
             headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
             self._session = aiohttp.ClientSession(
                 headers=headers,
-                connector=aiohttp.TCPConnector(limit=self.config.max_connections),
+                connector=aiohttp.TCPConnector(limit=self.config.max_connections, keepalive_timeout=KEEPALIVE_S),
                 timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s,
                                               sock_connect=self.config.connect_timeout_s),
             )
