@@ -4,6 +4,10 @@
 - ``sub1``: single-digit subtraction with a >= b, ``"8-3="`` -> ``"5"`` (55 prompts; exact-match reward).
 - ``rev4``: reverse four digits, ``"1234="`` -> ``"4321"``, leading zeros included (10,000 prompts; positional
   partial reward).
+- ``mul2``: two-digit multiplication with a Python tool, ``"12*34="`` -> ``"408"`` (8,100 prompts; multi-turn:
+  the model writes the code, reads the printed product and answers ``\boxed{408}``; exact-match reward on the
+  boxed answer). A tiny model cannot multiply; it can learn to copy the operands into code and the result
+  into its answer. Its tokenizer has a character per printable ASCII character and the newline.
 
 A task is the fixed list of all its prompts; :func:`toy_prompt_batches` streams it through
 :class:`~alp_megatron.data.batches.PromptBatches`, so the stream is endless, fixed by the seed, and resumes from a
@@ -35,21 +39,43 @@ def _rev4() -> List[Tuple[str, str]]:
     return [(f"{n:04d}=", f"{n:04d}"[::-1]) for n in range(10_000)]
 
 
+def _mul2() -> List[Tuple[str, str]]:
+    return [(f"{a}*{b}=", str(a * b)) for a in range(10, 100) for b in range(10, 100)]
+
+
 @dataclass(frozen=True)
 class ToyTask:
-    """A toy task: its examples, the longest response to sample, and the name of its built-in reward."""
+    """A toy task: its examples, the longest response to sample, the name of its built-in reward, and for a
+    multi-turn task the tool it is solved with (its tiny model's tokenizer then covers printable ASCII)."""
 
     name: str
     examples: Callable[[], List[Tuple[str, str]]]
     max_new_tokens: int
     reward: str
+    tool: Optional[str] = None
+
+    @property
+    def characters(self) -> tuple:
+        from alp_megatron.model.tiny import ASCII_CHARACTERS, CHARACTERS
+
+        return ASCII_CHARACTERS if self.tool else CHARACTERS
 
 
 TOY_TASKS: Dict[str, ToyTask] = {
     "add1": ToyTask("add1", _add1, max_new_tokens=4, reward="exact_match"),
     "sub1": ToyTask("sub1", _sub1, max_new_tokens=2, reward="exact_match"),
     "rev4": ToyTask("rev4", _rev4, max_new_tokens=5, reward="positional_match"),
+    "mul2": ToyTask("mul2", _mul2, max_new_tokens=80, reward="boxed_match", tool="python"),
 }
+
+
+def tool_trace(prompt_text: str, answer: str, observe: Callable[[str], str]) -> List[Tuple[str, bool]]:
+    """A correct multi-turn trajectory of a ``python``-tool toy task, as (text, written by the model) segments:
+    the code that prints the result, the tool's observation (``observe(printed output)``, the turn format's
+    rendering), and the boxed answer. The warm start learns the model's segments."""
+    expression = prompt_text.rstrip("=")
+    return [(f"```\nprint({expression})\n```", True), (observe(answer + "\n"), False),
+            (f"\\boxed{{{answer}}}", True)]
 
 
 def toy_task(name: str, field: str = "data.toy_task") -> ToyTask:
@@ -71,7 +97,7 @@ class ToyTaskPrompts:
         if tokenizer is None:
             from alp_megatron.model.tiny import build_char_tokenizer
 
-            tokenizer = build_char_tokenizer()
+            tokenizer = build_char_tokenizer(self.task.characters)
         examples = self.task.examples()
         self._texts = [text for text, _ in examples]
         self._answers = [answer for _, answer in examples]

@@ -12,6 +12,8 @@ from typing import Optional
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 CHARACTERS = tuple("0123456789+-=*/() .,?abcdefghijklmnopqrstuvwxyz")
+ASCII_CHARACTERS = tuple(chr(code) for code in range(32, 127)) + ("\n",)
+"""Printable ASCII and the newline: enough for a tiny model to write Python (the multi-turn tool tasks)."""
 
 _ARCH_DEFAULTS = {
     "LlamaForCausalLM": {"model_type": "llama"},
@@ -40,12 +42,13 @@ TINY_SHAPE = {
 }
 
 
-def build_char_tokenizer():
-    """A ``PreTrainedTokenizerFast`` with one token per character of :data:`CHARACTERS`."""
+def build_char_tokenizer(characters: tuple = CHARACTERS):
+    """A ``PreTrainedTokenizerFast`` with one token per character of ``characters`` (:data:`CHARACTERS`, or
+    :data:`ASCII_CHARACTERS`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(characters))}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
@@ -63,19 +66,21 @@ def save_tiny_model(
     architecture: str = "LlamaForCausalLM",
     seed: int = 0,
     vocab_size: Optional[int] = None,
+    characters: tuple = CHARACTERS,
     **config_overrides,
 ) -> str:
     """Write a randomly initialised model of ``architecture`` with the char tokenizer to ``out_dir``.
 
     ``vocab_size`` defaults to the tokenizer's size; a larger one is allowed (ids past the tokenizer
-    decode to nothing). Weights are fp32. Returns ``out_dir``.
+    decode to nothing); ``characters``: the tokenizer's (see :func:`build_char_tokenizer`). Weights are fp32.
+    Returns ``out_dir``.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if architecture not in _ARCH_DEFAULTS:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(_ARCH_DEFAULTS)}")
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(characters)
     fields = {**TINY_SHAPE, **_ARCH_DEFAULTS[architecture], **config_overrides}
     model_type = fields.pop("model_type")
     fields.update(

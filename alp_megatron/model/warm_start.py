@@ -14,7 +14,7 @@ import shutil
 
 import torch
 
-from alp_megatron.data.toy import ToyTaskPrompts
+from alp_megatron.data.toy import ToyTaskPrompts, tool_trace, toy_task
 from alp_megatron.model.tiny import build_char_tokenizer, save_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -50,37 +50,53 @@ def build_warm_started_model(out_dir: str, task: str, steps: int, seed: int = 0,
     """
     from transformers import AutoModelForCausalLM
 
+    toy = toy_task(task)
     shape = {**TINY_DEMO_SHAPE, "num_hidden_layers": num_layers}
+    if toy.tool:  # a trajectory: prompt, code, the tool's output and the answer
+        shape["max_position_embeddings"] = 128
     if architecture == "Qwen3MoeForCausalLM":  # SGLang 0.5.23's Qwen3-MoE never ties its lm_head to the embedding
         shape["tie_word_embeddings"] = False
-    save_tiny_model(out_dir, architecture, seed=seed, **shape)
+    save_tiny_model(out_dir, architecture, seed=seed, characters=toy.characters, **shape)
     if steps == 0:
         return float("nan")
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(toy.characters)
     prompts = ToyTaskPrompts(task, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    sequences, prompt_lengths = [], []
-    for index in range(len(prompts)):
-        prompt = prompts[index]
-        answer = tokenizer(str(prompt.label), add_special_tokens=False)["input_ids"]
-        sequences.append(list(prompt.prompt_ids) + answer + [tokenizer.eos_token_id])
-        prompt_lengths.append(len(prompt.prompt_ids))
-    width = max(len(s) for s in sequences)
-    tokens = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    rows = [_example(prompts[index], tokenizer, toy) for index in range(len(prompts))]
+    width = max(len(tokens) for tokens, _ in rows)
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(tokens, -100)
-    for i, (sequence, start) in enumerate(zip(sequences, prompt_lengths)):
+    for i, (sequence, learned) in enumerate(rows):
         tokens[i, : len(sequence)] = torch.tensor(sequence)
-        labels[i, start : len(sequence)] = tokens[i, start : len(sequence)]
+        labels[i, : len(sequence)] = torch.where(torch.tensor(learned), tokens[i, : len(sequence)], -100)
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        rows = torch.randint(0, len(sequences), (batch_size,), generator=generator)
-        loss = model(input_ids=tokens[rows], labels=labels[rows]).loss
+        chosen = torch.randint(0, len(rows), (batch_size,), generator=generator)
+        loss = model(input_ids=tokens[chosen], labels=labels[chosen]).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.save_pretrained(out_dir)
     logger.info("warm start on %s: %d steps, last loss %.3f", task, steps, float(loss))
     return float(loss)
+
+
+def _example(prompt, tokenizer, toy) -> tuple[list[int], list[bool]]:
+    """A correct example of ``prompt`` as token ids, and which of them are learned (the model's tokens and the
+    final ``<eos>``; not the prompt, nor a tool's output)."""
+    tokens, learned = list(prompt.prompt_ids), [False] * len(prompt.prompt_ids)
+    if toy.tool:
+        from alp_megatron.rollout.tools import SimpleTIRFormat, ToolResult
+
+        observe = SimpleTIRFormat().observation
+        segments = tool_trace(prompt.prompt_text, str(prompt.label), lambda printed: observe(ToolResult(printed)))
+    else:
+        segments = [(str(prompt.label), True)]
+    for text, by_model in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        tokens += ids
+        learned += [by_model] * len(ids)
+    return tokens + [tokenizer.eos_token_id], learned + [True]

@@ -70,6 +70,7 @@ BUILTIN_REWARDS: Dict[str, Callable[[], AnyRewardFunction]] = {
     "math": _make_math_verifier,
     "exact_match": _import_toy("exact_match_reward"),
     "positional_match": _import_toy("positional_match_reward"),
+    "boxed_match": _import_toy("boxed_match_reward"),
 }
 
 

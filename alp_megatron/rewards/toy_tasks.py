@@ -16,7 +16,7 @@ The label is the expected answer text ("4321"); an int label (15) is compared as
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from alp_megatron.rewards.base import RewardError
 
@@ -64,3 +64,25 @@ def positional_match_reward(prompt_text: str, response_text: str, label: Any, me
 def exact_match_reward(prompt_text: str, response_text: str, label: Any, metadata: Mapping[str, Any]) -> float:
     """1.0 when the prediction equals the label exactly, else 0.0 (``add1``, ``sub1``, exact ``rev4``)."""
     return 1.0 if prediction_text(response_text) == answer_text(label) else 0.0
+
+
+def boxed_answer(response_text: str) -> Optional[str]:
+    """The text inside the last ``\\boxed{...}`` of a prediction (nested braces kept), or None."""
+    text = prediction_text(response_text)
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            if depth == 0:
+                return text[begin:i]
+            depth -= 1
+    return None
+
+
+def boxed_match_reward(prompt_text: str, response_text: str, label: Any, metadata: Mapping[str, Any]) -> float:
+    """1.0 when the last ``\\boxed{...}`` of the prediction holds exactly the label, else 0.0 (``mul2``)."""
+    return 1.0 if boxed_answer(response_text) == answer_text(label) else 0.0

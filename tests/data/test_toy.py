@@ -3,7 +3,7 @@
 import pytest
 
 from alp_megatron.data.batches import DataPosition
-from alp_megatron.data.toy import TOY_TASKS, ToyTaskPrompts, toy_prompt_batches, toy_task
+from alp_megatron.data.toy import TOY_TASKS, ToyTaskPrompts, tool_trace, toy_prompt_batches, toy_task
 from alp_megatron.errors import ConfigError
 from alp_megatron.model.tiny import build_char_tokenizer
 from alp_megatron.rewards.base import BUILTIN_REWARDS, load_reward_function
@@ -41,12 +41,28 @@ def test_prompt_ids_are_bos_then_one_token_per_character(tokenizer):
 
 
 def test_each_task_reward_scores_its_own_answer(tokenizer):
+    from alp_megatron.rollout.tools import SimpleTIRFormat, ToolResult
+
     for name, task in TOY_TASKS.items():
         assert task.reward in BUILTIN_REWARDS
         reward = load_reward_function(task.reward)
         prompt = ToyTaskPrompts(name, tokenizer)[17]
-        assert reward(prompt.prompt_text, prompt.label + "<eos>", prompt.label, prompt.metadata) == 1.0
-        assert len(prompt.label) + 1 <= task.max_new_tokens  # the answer and <eos> fit
+        answer = prompt.label
+        if task.tool:  # a whole trajectory: code, the tool's output, the boxed answer
+            observe = SimpleTIRFormat().observation
+            answer = "".join(text for text, _ in tool_trace(prompt.prompt_text, prompt.label,
+                                                            lambda out: observe(ToolResult(out))))
+            assert reward(prompt.prompt_text, prompt.label + "<eos>", prompt.label, prompt.metadata) == 0.0
+        assert reward(prompt.prompt_text, answer + "<eos>", prompt.label, prompt.metadata) == 1.0
+        assert len(answer) + 1 <= task.max_new_tokens  # the answer and <eos> fit
+
+
+def test_a_tool_trace_writes_the_code_reads_the_output_and_boxes_it():
+    from alp_megatron.model.tiny import ASCII_CHARACTERS
+
+    segments = tool_trace("12*34=", "408", lambda out: f"[{out}]")
+    assert segments == [("```\nprint(12*34)\n```", True), ("[408\n]", False), ("\\boxed{408}", True)]
+    assert toy_task("mul2").characters == ASCII_CHARACTERS and toy_task("rev4").characters != ASCII_CHARACTERS
 
 
 def test_stream_is_fixed_by_the_seed_and_resumes(tokenizer):

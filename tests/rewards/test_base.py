@@ -86,7 +86,7 @@ def test_builtin_names():
     assert load_reward_function("exact_match") is exact_match_reward
     assert load_reward_function("positional_match") is positional_match_reward
     assert isinstance(load_reward_function("math"), MathVerifier)
-    assert sorted(BUILTIN_REWARDS) == ["exact_match", "math", "positional_match"]
+    assert sorted(BUILTIN_REWARDS) == ["boxed_match", "exact_match", "math", "positional_match"]
 
 
 def test_neither_a_builtin_nor_a_path():

@@ -70,3 +70,15 @@ def test_bad_labels_are_errors_naming_the_value(label):
 def test_a_response_that_is_not_text_is_an_error():
     with pytest.raises(RewardError, match="decode the response ids"):
         positional_match_reward("1234=", [7, 6, 5, 4], "4321", {})
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("```\nprint(12*34)\n```\nCode execution result: 408\n\n\\boxed{408}<eos>", 1.0),
+    ("\\boxed{407}", 0.0), ("408", 0.0), ("\\boxed{408", 0.0),
+    ("\\boxed{1} then \\boxed{408}", 1.0),  # the last one counts
+    ("\\boxed{408}<eos>\\boxed{1}", 1.0),  # nothing after <eos>
+])
+def test_boxed_match_reward_hand_computed(response, expected):
+    from alp_megatron.rewards.toy_tasks import boxed_match_reward
+
+    assert boxed_match_reward("12*34=", response, "408", {}) == expected
