@@ -38,7 +38,7 @@ import torch
 
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.client import RolloutClient
-from alp_megatron.rollout.sampler import append_completion
+from alp_megatron.rollout.sampler import RolloutError, append_completion
 from alp_megatron.rollout.sandbox import SandboxConfig
 from alp_megatron.rollout.tools import Tool, TurnFormat, call_tool, load_format, load_tool
 from alp_megatron.rollout.types import Sample, SamplingConfig
@@ -52,14 +52,17 @@ class AgentConfig:
     """Multi-turn settings (``rollout.agent``): the ``tool`` and turn ``format`` (built-in names or
     "package.module:attribute"), ``max_turns`` model turns at most, ``max_turn_tokens`` per turn (None: what is
     left of ``sampling.max_new_tokens``, the budget of the whole response, tool tokens included),
-    ``observation_tokens`` per tool result, ``mask_void`` / ``mask_truncated`` (take those trajectories out of
-    the policy loss), ``max_steps_per_turn`` (generation steps in one turn), the ``sandbox`` of the python tool.
-    Defaults: SimpleTIR's training settings (5 turns, 256-token observations, void turns masked)."""
+    ``max_context_tokens`` for prompt and trajectory together (None: the served model's context,
+    ``max_position_embeddings``; no step asks for more than is left of it), ``observation_tokens`` per tool
+    result, ``mask_void`` / ``mask_truncated`` (take those trajectories out of the policy loss),
+    ``max_steps_per_turn`` (generation steps in one turn), the ``sandbox`` of the python tool. Defaults:
+    SimpleTIR's training settings (5 turns, 256-token observations, void turns masked)."""
 
     tool: str = "python"
     format: str = "simpletir"
     max_turns: int = 5
     max_turn_tokens: Optional[int] = None
+    max_context_tokens: Optional[int] = None
     observation_tokens: int = 256
     mask_void: bool = True
     mask_truncated: bool = False
@@ -80,6 +83,10 @@ class AgentConfig:
                                                  or self.max_turn_tokens < 1):
             raise ConfigError("rollout.agent.max_turn_tokens", f"{self.max_turn_tokens!r} is not a positive integer",
                               "give the most tokens one turn may generate, or null for the whole budget")
+        if self.max_context_tokens is not None and (not isinstance(self.max_context_tokens, int)
+                                                    or self.max_context_tokens < 2):
+            raise ConfigError("rollout.agent.max_context_tokens", f"{self.max_context_tokens!r} is not an integer "
+                              ">= 2", "give the served model's context length, or null to read it from the model")
 
 
 class Agent:
@@ -87,8 +94,9 @@ class Agent:
     served model's (decodes model turns, encodes observations)."""
 
     def __init__(self, config: AgentConfig, tokenizer: Any, tool: Optional[Tool] = None,
-                 turn_format: Optional[TurnFormat] = None):
+                 turn_format: Optional[TurnFormat] = None, context_tokens: Optional[int] = None):
         self.config = config
+        self.context = config.max_context_tokens or context_tokens  # None: no limit known
         self.tokenizer = tokenizer
         self.tool = tool if tool is not None else load_tool(config.tool, config.sandbox, "rollout.agent.tool")
         self.format = turn_format if turn_format is not None else load_format(config.format, "rollout.agent.format")
@@ -98,6 +106,10 @@ class Agent:
                          group_id: int, index: int, stopped: Callable[[], bool] = lambda: False) -> Sample:
         """One trajectory from ``prompt_ids``; ``stopped()`` true: end it now, as an aborted sample."""
         config, budget = self.config, sampling.max_new_tokens
+        if self.context is not None and len(prompt_ids) >= self.context:
+            raise RolloutError(f"group {group_id}: a prompt of {len(prompt_ids)} tokens leaves no room in the context "
+                               f"of {self.context} tokens (rollout.agent.max_context_tokens, or the model's "
+                               "max_position_embeddings); lower data.max_prompt_tokens below it")
         seed = sampling.sample_seed(group_id, index)
         base = {**sampling.sglang_params(), "stop": list(self.format.stop)}
         if seed is not None:
@@ -116,6 +128,8 @@ class Agent:
                 left = budget - len(sample.response_ids)
                 if config.max_turn_tokens is not None:
                     left = min(left, config.max_turn_tokens - (len(sample.response_ids) - turn_start))
+                if self.context is not None:  # the server refuses a request past its context
+                    left = min(left, self.context - sample.length)
                 if left < 1 or stopped():
                     break
                 rid = client.new_rid(f"g{group_id}-s{index}-t{stats['turns']}-{len(sample.response_ids)}")
@@ -156,8 +170,9 @@ class Agent:
             stats["tool_timeouts"] += result.status == "timeout"
             shown = self.tokenizer.encode(self.format.observation(result), add_special_tokens=False)
             shown = list(shown)[: config.observation_tokens]
-            if len(sample.response_ids) + len(shown) + 1 > budget:
-                break  # it would end on tool tokens: truncated before them
+            if (len(sample.response_ids) + len(shown) + 1 > budget
+                    or (self.context is not None and sample.length + len(shown) + 1 > self.context)):
+                break  # no room for a model token after it: truncated before the tool tokens
             sample = _append_tool(sample, shown)
             stats["tool_tokens"] += len(shown)
         return _finish(sample, ending, stats, config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -95,7 +96,8 @@ class RolloutEngines:
             if rollout_config.agent is not None:  # multi-turn: the served model's tokenizer reads and writes turns
                 from transformers import AutoTokenizer
 
-                agent = Agent(rollout_config.agent, AutoTokenizer.from_pretrained(model_path))
+                agent = Agent(rollout_config.agent, AutoTokenizer.from_pretrained(model_path),
+                              context_tokens=_context_tokens(model_path, rollout_config.server_extra_args))
             self.sampler = Sampler(client, SamplerConfig(sampling=sampling,
                                                          groups_in_flight=rollout_config.groups_in_flight),
                                    agent=agent)
@@ -162,3 +164,15 @@ def server_log_dir(output_dir: str) -> str:
     path = os.path.join(output_dir, "logs")
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _context_tokens(model_path: str, server_args: Sequence[str] = ()) -> Optional[int]:
+    """The served context length: the servers' ``--context-length`` if given, else ``max_position_embeddings``
+    of the model's config.json (None if neither says)."""
+    args = list(server_args)
+    if "--context-length" in args[:-1]:
+        return int(args[args.index("--context-length") + 1])
+    with open(os.path.join(model_path, "config.json")) as handle:
+        config = json.load(handle)
+    value = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    return int(value) if value else None

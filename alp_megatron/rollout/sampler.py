@@ -90,8 +90,13 @@ class Sampler:
                 if self._aborted:
                     return
                 record = prompt if hasattr(prompt, "prompt_ids") else None
-                samples = await self._group(list(map(int, prompt if record is None else record.prompt_ids)),
-                                            group_id)
+                try:
+                    samples = await self._group(list(map(int, prompt if record is None else record.prompt_ids)),
+                                                group_id)
+                except RolloutError as error:  # say which dataset row: a bad prompt is fixed there
+                    if record is None or getattr(record, "source", None) is None:
+                        raise
+                    raise RolloutError(f"{record.source}, row {record.row}: {error}") from error
                 for sample in samples:
                     sample.prompt = record
             results.append(samples)

@@ -95,6 +95,7 @@ def engine_routes(megatron: "ModelConfig", arch: "ModelArch") -> Optional[tuple[
         return arch.num_layers, arch.moe_topk, arch.num_experts
     return None
 
+
 def _base_model(config) -> str:
     """The HF checkpoint the run starts from; the embedded tiny model is built (once) by rank 0."""
     if config.model.hf_path:

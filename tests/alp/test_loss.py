@@ -571,3 +571,25 @@ def test_shape_errors():
         policy_loss(t(LOGP), t(MU)[:, :2], t(ADV), t(MASK), LossConfig())
     with pytest.raises(ValueError, match="old_logprobs"):
         policy_loss(t(LOGP), t(MU), t(ADV), t(MASK), LossConfig(method="grpo"), old_logprobs=t(MU)[:1])
+
+
+@pytest.mark.parametrize("method", loss_methods())
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_a_fully_masked_sample_adds_no_loss_and_no_gradient(method, agg):
+    """A void multi-turn trajectory (every loss-mask bit 0) still counts in its group's advantage, but adds
+    nothing to the loss or its gradient, whatever its logprobs, under every method."""
+    torch.manual_seed(0)
+    logprobs = (-torch.rand(3, 5) - 0.1).requires_grad_()
+    rollout = logprobs.detach() + 0.1 * torch.randn(3, 5)
+    old = logprobs.detach() + 0.05 * torch.randn(3, 5)
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    mask = torch.ones(3, 5)
+    mask[1] = 0.0  # the void one
+    cfg = LossConfig(method=method, agg=agg)
+    loss, _ = policy_loss(logprobs, rollout, advantages, mask, cfg, old_logprobs=old)
+    loss.backward()
+    assert torch.all(logprobs.grad[1] == 0)
+    keep = torch.tensor([0, 2])
+    alone, _ = policy_loss(logprobs.detach()[keep], rollout[keep], advantages[keep], mask[keep], cfg,
+                           old_logprobs=old[keep])
+    assert float(loss) == pytest.approx(float(alone), rel=1e-6)

@@ -132,16 +132,14 @@ def test_replay_is_refused_where_it_would_not_happen():
         transformer_config(arch_for(Layout("routing")), ParallelConfig(), ModelConfig(routing_agreement=True))
 
 
-def engine_agreement(folder: str, tokens: list, engine_routes: list, engine_logprobs: list, prompt: int) -> dict:
-    """Megatron on ``folder``'s weights: its own top-k (RECORD) against the engine's routes, and its
-    logprobs of the output tokens with the engine's routes replayed against the engine's."""
+def replaying_model(folder: str):
+    """One rank's Megatron model of the HF folder ``folder``, in eval mode, replaying MoE routes, ALP off."""
     import json
     import os
 
     from alp_megatron.alp.perturbation import PerturbationConfig
     from alp_megatron.bridge.hf_import import load_hf_weights
     from alp_megatron.model.arch import ModelArch
-    from alp_megatron.model.logprobs import token_logprobs
     from alp_megatron.model.provider import build_model, initialize_parallel
 
     with open(os.path.join(folder, "config.json")) as handle:
@@ -150,7 +148,15 @@ def engine_agreement(folder: str, tokens: list, engine_routes: list, engine_logp
     (chunk,) = build_model(arch, ParallelConfig(), ModelConfig(routing_replay="rollout"),
                            PerturbationConfig(enabled=False))
     load_hf_weights([chunk], folder, arch)
-    chunk.eval()
+    return chunk.eval()
+
+
+def engine_agreement(folder: str, tokens: list, engine_routes: list, engine_logprobs: list, prompt: int) -> dict:
+    """Megatron on ``folder``'s weights: its own top-k (RECORD) against the engine's routes, and its
+    logprobs of the output tokens with the engine's routes replayed against the engine's."""
+    from alp_megatron.model.logprobs import token_logprobs
+
+    chunk = replaying_model(folder)
     seq = torch.tensor([tokens])
     micro = {"tokens": seq, "position_ids": torch.arange(len(tokens))[None], "lengths": torch.tensor([len(tokens)])}
     own = _own_routes(chunk, micro)[0, :-1].long()  # the last token is never an input of the engine

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from alp_megatron.errors import ConfigError
-from alp_megatron.model.provider import ModelConfig, ParallelConfig
 from alp_megatron.model.tiny import build_char_tokenizer
 from alp_megatron.rollout.agent import Agent, AgentConfig
 from alp_megatron.rollout.client import ClientConfig, RolloutClient, model_vocab_size
@@ -59,24 +58,12 @@ class CountingTool:
 def trainer_logprobs(folder: str, samples: list) -> list:
     """Megatron on ``folder``'s weights, replaying each sample's routes: the logprob of every response token
     at the position ``build_training_batch`` puts it, and the batch's loss mask there."""
-    import json
-    import os
-
-    from alp_megatron.alp.perturbation import PerturbationConfig
-    from alp_megatron.bridge.hf_import import load_hf_weights
     from alp_megatron.model import packing, routing
-    from alp_megatron.model.arch import ModelArch
     from alp_megatron.model.logprobs import token_logprobs
-    from alp_megatron.model.provider import build_model, initialize_parallel
     from alp_megatron.trainer.batch import build_training_batch
+    from tests.model.test_routing import replaying_model
 
-    with open(os.path.join(folder, "config.json")) as handle:
-        arch = ModelArch.from_hf_config(json.load(handle))
-    initialize_parallel(ParallelConfig())
-    (chunk,) = build_model(arch, ParallelConfig(), ModelConfig(routing_replay="rollout"),
-                           PerturbationConfig(enabled=False))
-    load_hf_weights([chunk], folder, arch)
-    chunk.eval()
+    chunk = replaying_model(folder)
     batch = build_training_batch(samples)
     micro = {"tokens": batch.tokens, "position_ids": batch.position_ids, "lengths": batch.lengths,
              "extra." + ROUTES: batch.extras[ROUTES]}
@@ -90,8 +77,8 @@ def trainer_logprobs(folder: str, samples: list) -> list:
 
 @pytest.fixture(scope="module")
 def trajectories(moe_server, moe_model_path):
-    agent = Agent(AgentConfig(max_turns=4, observation_tokens=6), build_char_tokenizer(), tool=CountingTool(),
-                  turn_format=DigitCalls())
+    agent = Agent(AgentConfig(max_turns=4, observation_tokens=6, max_context_tokens=40), build_char_tokenizer(),
+                  tool=CountingTool(), turn_format=DigitCalls())
     client = RolloutClient(ClientConfig(urls=[moe_server.url], vocab_size=model_vocab_size(moe_model_path),
                                         routed_experts=MOE_ROUTES))
     sampling = SamplingConfig(n=4, max_new_tokens=40, temperature=1.0, seed=3)
@@ -120,7 +107,7 @@ def test_a_trajectory_is_exactly_the_prompt_the_engines_tokens_and_the_tool_toke
     assert max(s["turns"] for s in stats) >= 3 and sum(s["tool_calls"] for s in stats) >= 4  # multi-turn happened
     checked = 0
     for sample, stat in zip(trajectories, stats):
-        assert sample.length <= len(sample.prompt_ids) + 40
+        assert sample.length <= 40  # the context bounds every step (the budget alone would allow prompt + 40)
         if stat["masked"]:  # a void trajectory: all 0 (tested below)
             assert set(sample.loss_mask) == {0} and stat["ending"] == "void"
             continue
@@ -273,3 +260,62 @@ def test_trajectory_metrics_count_turns_calls_failures_and_endings():
     assert metrics["agent_void_share"] == metrics["agent_truncated_share"] == metrics["agent_masked_share"] == 0.25
     assert metrics["agent_tool_tokens_mean"] == 4.0 and metrics["agent_model_tokens_mean"] == 10.0
     assert trajectory_metrics([Sample.given([1], [2], [-1.0], 0.0, 9)]) == {}
+
+
+def test_a_prompt_that_fills_the_context_is_refused_naming_its_row():
+    from alp_megatron.data.prompts import Prompt
+    from alp_megatron.rollout.sampler import RolloutError
+
+    agent = Agent(AgentConfig(), build_char_tokenizer(), tool=CountingTool(), turn_format=DigitCalls(),
+                  context_tokens=4)
+    sampler = Sampler(RolloutClient(ClientConfig(urls=["http://127.0.0.1:9"])), SamplerConfig(show_progress=False),
+                      agent=agent)  # nothing is sent: the prompt is refused first
+    record = Prompt(prompt_ids=(1, 5, 6, 7, 8), prompt_text="x", label="y", metadata={}, index=3,
+                    source="train.jsonl", row=4)
+    with pytest.raises(RolloutError, match="train.jsonl, row 4: group 0: a prompt of 5 tokens leaves no room in the "
+                                           "context of 4 tokens"):
+        sampler.run([record])
+
+
+def test_the_served_context_is_the_servers_flag_or_the_models(tmp_path):
+    import json
+
+    from alp_megatron.rollout.fleet import _context_tokens
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    assert _context_tokens(str(tmp_path)) == 4096
+    assert _context_tokens(str(tmp_path), ("--log-level", "warning", "--context-length", "1024")) == 1024
+
+
+def test_a_weight_update_between_turns_gives_each_turns_tokens_their_version():
+    """Turn 1 by v0, a tool's tokens (in no span), turn 2 by v1 after an update: the spans cover each turn's
+    model tokens at their place in the response, and scoring's staleness reads the oldest."""
+    from alp_megatron.rollout.agent import _append_tool
+    from alp_megatron.rollout.sampler import append_completion
+    from alp_megatron.rollout.types import Completion, WeightSpan
+
+    def completion(ids, version):
+        return Completion(rid="r", url="u", output_ids=tuple(ids), output_logprobs=(-1.0,) * len(ids),
+                          finish_reason="stop", weight_version=version,
+                          weight_spans=(WeightSpan(version, 0, len(ids)),), prompt_tokens=3)
+
+    sample = Sample(prompt_ids=[1, 2, 3], response_ids=[], rollout_logprobs=[], finish_reason="stop",
+                    weight_version="", weight_versions=[], group_id=0, sample_index=0)
+    sample = append_completion(sample, completion([5, 6, 7], "v0"))
+    sample = _append_tool(sample, [8, 9])
+    sample = append_completion(sample, completion([10, 11], "v1"))
+    assert sample.weight_versions == [WeightSpan("v0", 0, 3), WeightSpan("v1", 5, 7)]
+    assert sample.loss_mask == [1, 1, 1, 0, 0, 1, 1] and sample.weight_version == "v1"
+    assert sample.rollout_logprobs == [-1.0, -1.0, -1.0, 0.0, 0.0, -1.0, -1.0]
+
+
+def test_a_trajectorys_steps_go_to_its_server_while_that_one_is_up():
+    import time
+
+    client = RolloutClient(ClientConfig(urls=["http://a:1", "http://b:1"]))
+    first, second = client._endpoints
+    first.in_flight = 5  # the least busy would be b
+    assert client._pick(prefer="http://a:1") is first
+    assert client._pick() is second
+    first.down_until = time.monotonic() + 60  # a died: the step goes elsewhere
+    assert client._pick(prefer="http://a:1") is second

@@ -78,10 +78,23 @@ def test_seeded_rollouts_repeat_through_the_router(router, servers, client_confi
         assert len({tuple(sample.response_ids) for sample in group}) > 1
 
 
+class GatedTool(CountingTool):
+    """Counts its callers and holds them until ``gate`` is set; then answers as CountingTool."""
+
+    def __init__(self):
+        self.waiting, self.gate = 0, asyncio.Event()
+
+    async def __call__(self, payload):
+        self.waiting += 1
+        await self.gate.wait()
+        return await super().__call__(payload)
+
+
 def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, servers, client_config):
-    """Two rollouts run while one server is killed: one through the router (which sends the failed
-    requests to the other worker) and one whose client talks to both servers directly (our client
-    re-requests them on the survivor)."""
+    """Three rollouts run while one server is killed: one through the router (which sends the failed
+    requests to the other worker), one whose client talks to both servers directly (our client
+    re-requests them on the survivor), and multi-turn trajectories, two of them on the victim, which go on
+    from their token ids on the survivor."""
     survivor, victim = servers
     prompts = [[1, 10 + i, 11 + i] for i in range(4)]  # 2 x 4 x n=2 single-turn + 4 trajectories: < 16 a server
     sampling = dict(n=2, max_new_tokens=80, ignore_eos=True)
@@ -89,16 +102,16 @@ def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, serv
     direct = Sampler(RolloutClient(ClientConfig(urls=[server.url for server in servers],
                                                 vocab_size=client_config.vocab_size, retry_backoff_s=0.2)),
                      SamplerConfig(SamplingConfig(**sampling), groups_in_flight=4, show_progress=False))
-    agent = Agent(AgentConfig(max_turns=40, observation_tokens=6), build_char_tokenizer(), tool=CountingTool(),
-                  turn_format=DigitCalls("0123456789aeiou", always_call=True))  # steps of a few tokens
-
-    def multi_turn_sampler(urls):
+    def multi_turn_sampler(urls, tool):
+        agent = Agent(AgentConfig(max_turns=40, observation_tokens=6), build_char_tokenizer(), tool=tool,
+                      turn_format=DigitCalls("0123456789aeiou", always_call=True))  # steps of a few tokens
         return Sampler(RolloutClient(ClientConfig(urls=urls, vocab_size=client_config.vocab_size, retry_backoff_s=0.2)),
                        SamplerConfig(SamplingConfig(**sampling), groups_in_flight=4, show_progress=False), agent=agent)
 
     for server in servers:  # a fresh server's first stop-string requests are slow: warm both before the clock runs
-        multi_turn_sampler([server.url]).run(prompts[:1])
-    multi_turn = multi_turn_sampler([server.url for server in servers])
+        multi_turn_sampler([server.url], CountingTool()).run(prompts[:1])
+    gated = GatedTool()  # holds every trajectory after its first turn until the kill: two of them are on the victim
+    multi_turn = multi_turn_sampler([server.url for server in servers], gated)
     for server in servers:
         EngineControl(server.url).slow_down(0.02)
     old_pid = victim.pid
@@ -108,9 +121,12 @@ def test_server_killed_mid_rollout_loses_no_sample_and_is_restarted(router, serv
         rollouts = asyncio.gather(via_router.rollout(prompts), direct.rollout(prompts),
                                   multi_turn.rollout(prompts[:2]))
         try:
-            await asyncio.sleep(1.5)
-            assert not rollouts.done(), "the rollouts ended before the kill; slow the servers down more"
+            deadline = time.monotonic() + 30
+            while gated.waiting < 4 and time.monotonic() < deadline:  # each trajectory has had a turn
+                await asyncio.sleep(0.05)
+            assert gated.waiting == 4 and not rollouts.done(), "the rollouts ended before the kill"
             os.killpg(victim.pid, signal.SIGKILL)
+            gated.gate.set()
             return await rollouts
         finally:
             for sampler in (via_router, direct, multi_turn):
