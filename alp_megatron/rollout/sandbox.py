@@ -132,6 +132,7 @@ class Sandbox:
     def __init__(self, config: SandboxConfig = SandboxConfig()):
         self.config = config
         self._gate: Optional[asyncio.Semaphore] = None
+        self._gate_loop: Optional[asyncio.AbstractEventLoop] = None
         self._python = resolve_python(config.python)
         self._bwrap = _find_bwrap() if config.backend == "bwrap" else None
         if config.backend == "bwrap" and self._bwrap is None:
@@ -140,8 +141,9 @@ class Sandbox:
 
     async def run(self, code: str) -> SandboxResult:
         """Run ``code`` as ``main.py`` in a fresh directory; never raises for what the code does."""
-        if self._gate is None:  # made inside the running loop
-            self._gate = asyncio.Semaphore(self.config.slots)
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate_loop is not loop:  # a semaphore works inside one event loop only
+            self._gate, self._gate_loop = asyncio.Semaphore(self.config.slots), loop
         async with self._gate:
             folder = tempfile.mkdtemp(prefix="alp-sandbox-")
             try:

@@ -173,6 +173,17 @@ def test_programs_run_at_most_concurrency_at_once_and_never_block_the_event_loop
     assert most <= 2 - 1 + 1 and ticks >= 10  # never more than 2 at once; the loop kept running
 
 
+def test_one_sandbox_serves_one_event_loop_after_another(backend):
+    """A rollout loop per call (Sampler.run, a benchmark's rounds) reuses the tool: its concurrency gate follows."""
+    sandbox = Sandbox(SandboxConfig(concurrency=1, backend=backend))
+
+    async def two():  # the second one waits for the first (a gate of the previous loop would never open)
+        return await asyncio.wait_for(asyncio.gather(sandbox.run("print(1)"), sandbox.run("print(2)")), 30)
+
+    for _ in range(2):
+        assert [result.stdout for result in asyncio.run(two())] == ["1\n", "2\n"]
+
+
 def test_bad_settings_name_the_field():
     for field, value in (("timeout_s", 0), ("memory_mb", -1), ("max_open_files", 4), ("backend", "docker"),
                          ("concurrency", -1), ("kill_output_bytes", 10)):
