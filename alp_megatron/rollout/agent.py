@@ -34,11 +34,10 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
-import torch
 
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.client import RolloutClient
-from alp_megatron.rollout.sampler import RolloutError, append_completion
+from alp_megatron.rollout.sampler import RolloutError, append_completion, with_filler_rows
 from alp_megatron.rollout.sandbox import SandboxConfig
 from alp_megatron.rollout.tools import Tool, TurnFormat, call_tool, load_format, load_tool
 from alp_megatron.rollout.types import Sample, SamplingConfig
@@ -189,9 +188,7 @@ def _append_tool(sample: Sample, ids: list[int]) -> Sample:
     (the next step's routes replace them)."""
     extras = dict(sample.extras)
     if ROUTES in extras:
-        routes = extras[ROUTES]
-        filler = torch.arange(routes.shape[-1], dtype=routes.dtype).expand(len(ids), *routes.shape[1:])
-        extras[ROUTES] = torch.cat([routes, filler])
+        extras[ROUTES] = with_filler_rows(extras[ROUTES], len(ids))
     return replace(sample, response_ids=sample.response_ids + list(ids),
                    rollout_logprobs=sample.rollout_logprobs + [0.0] * len(ids),
                    loss_mask=sample.loss_mask + [0] * len(ids), extras=extras)

@@ -211,11 +211,17 @@ class Sampler:
         return asyncio.run(run_and_close())
 
 
-def _with_last_row(routes: torch.Tensor) -> torch.Tensor:
-    """The engine's routes (one row per input token: every token but the last) with a row for the last token,
-    experts ``0..top_k-1`` (valid, distinct ids; no logprob depends on the last token's routing)."""
-    filler = torch.arange(routes.shape[-1], dtype=routes.dtype).expand(1, *routes.shape[1:])
+def with_filler_rows(routes: torch.Tensor, count: int = 1) -> torch.Tensor:
+    """``routes`` followed by ``count`` rows of experts ``0..top_k-1`` (valid, distinct ids) for tokens the engine
+    has not routed: the last token (never an input; no logprob depends on its routing), or tool tokens until the
+    next step returns their rows."""
+    filler = torch.arange(routes.shape[-1], dtype=routes.dtype).expand(count, *routes.shape[1:])
     return torch.cat([routes, filler])
+
+
+def _with_last_row(routes: torch.Tensor) -> torch.Tensor:
+    """The engine's routes (one row per input token: every token but the last) with a row for the last token."""
+    return with_filler_rows(routes)
 
 
 def append_completion(sample: Sample, more: Completion) -> Sample:
