@@ -1,5 +1,6 @@
-"""A run's summary from its ``metrics.jsonl``: a table on stdout and a PNG of reward, the sequence-ratio tail
-and sigma per layer over the steps.
+"""A run's summary from its ``metrics.jsonl``: a table on stdout and a PNG of reward, the sequence-ratio tail,
+the train-rollout mismatch (k3, mean absolute logprob difference, token staleness, partial samples) and sigma
+per layer over the steps.
 
     python -m alp_megatron.report RUN_DIR [--every N]
 """
@@ -48,14 +49,14 @@ def table(records: list[dict], every: int = 1) -> str:
 
 
 def plot(records: list[dict], path: str, title: Optional[str] = None) -> str:
-    """Write the three-panel PNG to ``path``; returns ``path``."""
+    """Write the four-panel PNG to ``path``; returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] + 1 for r in records]
-    figure, (reward_ax, ratio_ax, sigma_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    figure, (reward_ax, ratio_ax, mismatch_ax, sigma_ax) = plt.subplots(1, 4, figsize=(20, 4))
     rewards = [_number(r.get("reward_mean")) for r in records]
     reward_ax.plot(steps, rewards, alpha=0.4, label="reward (step mean)")
     reward_ax.plot(steps, moving_average(rewards), label="5-step moving average")
@@ -66,6 +67,17 @@ def plot(records: list[dict], path: str, title: Optional[str] = None) -> str:
     ratio_ax.set(xlabel="step", ylabel="pi_train / pi_rollout (sequence)", title="sequence-ratio tail")
     ratio_ax.set_yscale("log")
     ratio_ax.legend()
+    for key in ("mismatch_k3", "train_rollout_logprob_abs_diff"):
+        mismatch_ax.plot(steps, [_number(r.get(key)) for r in records], label=key)
+    mismatch_ax.set(xlabel="step", ylabel="per token", title="train-rollout mismatch")
+    mismatch_ax.set_yscale("log")
+    mismatch_ax.legend(loc="upper left", fontsize="small")
+    if any("staleness_token_mean" in r for r in records):  # async and partial rollouts, on a linear axis
+        age_ax = mismatch_ax.twinx()
+        for key, style in (("staleness_token_mean", "--"), ("partial_share", ":")):
+            age_ax.plot(steps, [_number(r.get(key)) for r in records], style, color="gray", label=key)
+        age_ax.set_ylabel("versions / share")
+        age_ax.legend(loc="upper right", fontsize="small")
     layers = sorted({k for r in records for k in r if k.startswith("sigma_layer")}, key=lambda k: int(k[11:]))
     for key in layers:
         sigma_ax.plot(steps, [_number(r.get(key)) for r in records], label=key.replace("sigma_", ""))

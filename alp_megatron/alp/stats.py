@@ -8,7 +8,7 @@ Key names (shared with the metrics file):
 
 - ratio quantiles: ``{prefix}p0.1``, ``p1``, ``p2``, ``p50``, ``p98``, ``p99``, ``p999`` (= 99.9 %), ``max``,
   ``min``; the loss uses the prefixes ``ratio_token_`` and ``ratio_seq_``.
-- mismatch: ``mismatch_k1``, ``mismatch_k3``, ``mismatch_abs_diff``.
+- mismatch: ``mismatch_k1``, ``mismatch_k3``, ``train_rollout_logprob_abs_diff``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def mismatch_kl(
 
     - ``mismatch_k1`` = mean(-log_ratio)                       (unbiased, can be negative)
     - ``mismatch_k3`` = mean(exp(log_ratio) - 1 - log_ratio)   (unbiased, never negative)
-    - ``mismatch_abs_diff`` = mean(|log_ratio|)
+    - ``train_rollout_logprob_abs_diff`` = mean(|log_ratio|)   (slime's name for it)
 
     Computed in float64 (k3 exponentiates). All 0.0 when nothing is masked in.
     """
@@ -130,7 +130,7 @@ def mismatch_kl(
         k3 = (torch.expm1(log_ratio) - log_ratio).sum() / count  # zero at masked-out positions (log_ratio = 0)
         abs_diff = log_ratio.abs().sum() / count
         k1, k3, abs_diff = torch.stack([k1, k3, abs_diff]).tolist()
-    return {"mismatch_k1": k1, "mismatch_k3": k3, "mismatch_abs_diff": abs_diff}
+    return {"mismatch_k1": k1, "mismatch_k3": k3, "train_rollout_logprob_abs_diff": abs_diff}
 
 
 def train_inference_ratio(trained_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,

@@ -16,7 +16,7 @@ from alp_megatron.alp.advantages import grpo_advantages
 from alp_megatron.rewards.base import RewardError, compute_reward
 from alp_megatron.rollout.agent import trajectory_metrics
 from alp_megatron.rollout.types import RolloutBatch, Sample
-from alp_megatron.sample import ROUTES
+from alp_megatron.sample import ROUTES, WeightSpan
 from alp_megatron.trainer.batch import TrainingBatch, build_training_batch
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,37 @@ logger = logging.getLogger(__name__)
 def version_number(label: str) -> int:
     """``"v12"`` -> 12: weight versions are stamped ``v<optimizer-visible policy version>``."""
     return int(label[1:]) if label.startswith("v") and label[1:].isdigit() else -1
+
+
+def token_staleness(sample: Sample, policy_version: int) -> dict[int, int]:
+    """Staleness -> number of the sample's model tokens (loss mask 1) generated that many versions before
+    ``policy_version``, from its weight-version spans (one span per version run: O(versions), not O(tokens))."""
+    spans = sample.weight_versions or [WeightSpan(sample.weight_version, 0, len(sample.response_ids))]
+    mask = sample.loss_mask or [1] * len(sample.response_ids)
+    counts: dict[int, int] = {}
+    for span in spans:
+        tokens = sum(mask[span.start:span.end])
+        if tokens:
+            age = policy_version - version_number(span.version)
+            counts[age] = counts.get(age, 0) + tokens
+    return counts
+
+
+def staleness_metrics(samples: list[Sample], policy_version: int) -> dict:
+    """Per-token staleness (``staleness_tokens_<s>``: the share of trained model tokens ``s`` versions old,
+    ``staleness_token_mean``) and ``partial_share``: the share of samples whose tokens came from two or more
+    weight versions (continued across a weight update)."""
+    counts: dict[int, int] = {}
+    partial = 0
+    for sample in samples:
+        for age, tokens in token_staleness(sample, policy_version).items():
+            counts[age] = counts.get(age, 0) + tokens
+        partial += len({span.version for span in sample.weight_versions}) > 1
+    total = sum(counts.values()) or 1
+    metrics = {f"staleness_tokens_{age}": tokens / total for age, tokens in sorted(counts.items())}
+    metrics["staleness_token_mean"] = sum(age * tokens for age, tokens in counts.items()) / total
+    metrics["partial_share"] = partial / max(len(samples), 1)
+    return metrics
 
 
 @dataclass
@@ -79,6 +110,7 @@ def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: i
         "samples": float(len(samples)),
     }
     metrics.update(trajectory_metrics(samples))
+    metrics.update(staleness_metrics(samples, policy_version))
     if routes:  # what MoE routes cost to carry, per sample
         metrics["routes_bytes_per_sample"] = sum(r.numel() * r.element_size() for r in routes) / len(routes)
     return ScoredRollout(samples=samples, group_size=rollout.group_size, metrics=metrics)

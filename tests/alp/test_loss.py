@@ -493,7 +493,7 @@ def test_metrics_keys():
     old = [[v + 0.1 for v in row] for row in MU]
     _, with_old = policy_loss(t(LOGP), t(MU), t(ADV), t(MASK), LossConfig(), old_logprobs=t(old))
     assert with_old["mismatch_k1"] == pytest.approx(-0.1, rel=1e-9)
-    assert with_old["mismatch_abs_diff"] == pytest.approx(0.1, rel=1e-9)
+    assert with_old["train_rollout_logprob_abs_diff"] == pytest.approx(0.1, rel=1e-9)
     assert with_old["mismatch_k3"] == pytest.approx(math.exp(0.1) - 1 - 0.1, rel=1e-9)
     # ALP's loss does not read old_logprobs: only the metrics change.
     assert with_old["loss"] == without_old["loss"]

@@ -66,10 +66,10 @@ def test_mismatch_kl_hand_computed():
     out = mismatch_kl(trainer, rollout, mask)
     assert out["mismatch_k1"] == pytest.approx(-sum(lr) / 3, rel=1e-6)
     assert out["mismatch_k3"] == pytest.approx(sum(math.exp(x) - 1 - x for x in lr) / 3, rel=1e-6)
-    assert out["mismatch_abs_diff"] == pytest.approx(sum(abs(x) for x in lr) / 3, rel=1e-6)
+    assert out["train_rollout_logprob_abs_diff"] == pytest.approx(sum(abs(x) for x in lr) / 3, rel=1e-6)
     assert out["mismatch_k3"] > 0
     same = mismatch_kl(rollout, rollout, mask)
-    assert same == {"mismatch_k1": 0.0, "mismatch_k3": 0.0, "mismatch_abs_diff": 0.0}
+    assert same == {"mismatch_k1": 0.0, "mismatch_k3": 0.0, "train_rollout_logprob_abs_diff": 0.0}
     assert mismatch_kl(trainer, rollout, torch.zeros(2, 2, dtype=torch.bool))["mismatch_k3"] == 0.0
 
 

@@ -64,3 +64,19 @@ def test_the_training_batch_is_made_from_the_scored_records():
     assert training_batch(scored, False, 2, 0).loss_mask[0].tolist() == [1, 0, 0]
     # whole groups are dropped until the count divides: 4 samples, divisible by 8 -> none left
     assert training_batch(scored, False, 8, 0) is None and scored.samples == []
+
+
+def test_per_token_staleness_counts_model_tokens_by_the_version_that_produced_them():
+    """A partial sample (3 tokens of v1, 1 tool token, 2 of v3) and a whole one (4 of v3), trained at v3."""
+    from alp_megatron.run.scoring import staleness_metrics, token_staleness
+
+    partial = Sample(prompt_ids=[1], response_ids=[5, 6, 7, 8, 9, 10], rollout_logprobs=[-0.1] * 6,
+                     loss_mask=[1, 1, 1, 0, 1, 1], finish_reason="stop", weight_version="v3",
+                     weight_versions=[WeightSpan("v1", 0, 3), WeightSpan("v3", 4, 6)], group_id=0, sample_index=0)
+    whole = Sample(prompt_ids=[1], response_ids=[5, 6, 7, 8], rollout_logprobs=[-0.1] * 4, finish_reason="stop",
+                   weight_version="v3", weight_versions=[WeightSpan("v3", 0, 4)], group_id=0, sample_index=1)
+    assert token_staleness(partial, 3) == {2: 3, 0: 2}
+    assert token_staleness(whole, 4) == {1: 4}
+    metrics = staleness_metrics([partial, whole], policy_version=3)
+    assert metrics == {"staleness_tokens_0": 6 / 9, "staleness_tokens_2": 3 / 9,
+                       "staleness_token_mean": 6 / 9, "partial_share": 0.5}
