@@ -208,7 +208,13 @@ class WeightSyncSection:
     ``fp32`` (FP8 checkpoints) or ``ue8m0`` (power-of-two scales, DeepGEMM on Blackwell);
     ``fp8_ignored_layers``: module paths the engines keep unquantised beyond the checkpoint's own list.
     ``tensor``, ``distributed``, ``disk``: the chosen transport's own settings (e.g. ``disk.root``, a folder
-    the engines can read, for engines on other hosts; ``distributed.master_address``)."""
+    the engines can read, for engines on other hosts; ``distributed.master_address``).
+    ``rollout_precision``: what the engines compute with while the trainer keeps its own precision: ``native``
+    (``rollout.server_dtype``); ``fp8`` (GPU only: launched servers serve a 128x128 block-FP8 copy of the
+    starting checkpoint, ``<output_dir>/base_model_fp8``, and every update is sent as e4m3 blocks; servers
+    given by URL must serve such a checkpoint); ``fp8_rounded`` (any device: the engines keep their dtype and
+    get every linear SGLang would quantise rounded through e4m3 blocks and dequantised, i.e. FP8 weight
+    rounding without FP8 activations or FP8 matmuls; the CPU stand-in for ``fp8``)."""
 
     transport: str = "tensor"
     bucket_bytes: int = 256 * 2**20
@@ -218,6 +224,7 @@ class WeightSyncSection:
     fp8_ignored_layers: tuple[str, ...] = ()
     retries: int = 1
     verify_every: int = 0  # steps between full weight-equality checks of the engines (0: never)
+    rollout_precision: str = "native"
     check_names: bool = True  # check each bucket against the served checkpoint's names and shapes, when readable
     tensor: TensorTransportConfig = field(default_factory=TensorTransportConfig)
     distributed: DistributedTransportConfig = field(default_factory=DistributedTransportConfig)
@@ -230,7 +237,8 @@ class WeightSyncSection:
     def __post_init__(self):
         from alp_megatron.bridge.weight_sync import check_sync_options
 
-        check_sync_options(self.transport, self.pause_mode, self.fp8, self.fp8_scale_format, self.retries)
+        check_sync_options(self.transport, self.pause_mode, self.fp8, self.fp8_scale_format, self.retries,
+                           self.rollout_precision)
         if self.bucket_bytes < 2**16:
             raise ConfigError("weight_sync.bucket_bytes", f"{self.bucket_bytes} is too small", "use >= 64 KiB")
         if self.verify_every < 0:

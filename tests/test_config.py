@@ -41,6 +41,7 @@ def test_alp_methods_keep_the_perturbation():
     ("weight_sync.pause_mode=bogus", "weight_sync.pause_mode"),
     ("weight_sync.retries=-1", "weight_sync.retries"),
     ("weight_sync.verify_every=-1", "weight_sync.verify_every"),
+    ("weight_sync.rollout_precision=fp4", "weight_sync.rollout_precision"),
     ("weight_sync.disk.keep=0", "weight_sync.disk.keep"),
     ("weight_sync.distributed.backend=mpi", "weight_sync.distributed.backend"),
     ("data.seed=-1", "data.seed"),
@@ -116,6 +117,29 @@ def test_fp8_settings_reach_the_run_config():
                                     "weight_sync.fp8_ignored_layers=[lm_head,mlp.gate]"))
     assert config.weight_sync.fp8_scale_format == "ue8m0"
     assert tuple(config.weight_sync.fp8_ignored_layers) == ("lm_head", "mlp.gate")
+
+
+def test_fp8_rollouts_that_cannot_run_are_refused_naming_the_field_and_the_fix():
+    from alp_megatron.bridge.weight_update import check_rollout_precision
+    from alp_megatron.model.arch import ModelArch
+    from tests.tiny_models import hf_config
+
+    for contradiction in (("weight_sync.rollout_precision=fp8", "weight_sync.fp8='off'"),
+                          ("weight_sync.rollout_precision=fp8_rounded", "weight_sync.fp8='on'")):
+        with pytest.raises(ConfigError) as error:
+            load_run_config(None, contradiction)
+        assert error.value.field == "weight_sync.fp8" and "leave weight_sync.fp8 at auto" in str(error.value)
+    tiny = ModelArch.from_hf_config(hf_config())
+    with pytest.raises(ConfigError) as error:  # a model the 128x128 blocks cannot hold
+        check_rollout_precision("fp8", tiny, engine_tp_size=1, cuda_available=True)
+    assert error.value.field == "weight_sync.rollout_precision"
+    assert "q_proj rows per engine rank = 64" in str(error.value) and "fp8_rounded" in error.value.fix
+    fits = ModelArch.from_hf_config(hf_config(hidden_size=256, intermediate_size=512, head_dim=64))
+    with pytest.raises(ConfigError) as error:  # no FP8 kernels without a GPU
+        check_rollout_precision("fp8", fits, engine_tp_size=1, cuda_available=False)
+    assert "no GPU" in str(error.value) and "fp8_rounded" in error.value.fix
+    check_rollout_precision("fp8", fits, engine_tp_size=1, cuda_available=True)
+    check_rollout_precision("fp8_rounded", tiny, engine_tp_size=1, cuda_available=False)  # runs anywhere
 
 
 def test_every_example_config_loads():

@@ -133,6 +133,26 @@ def quantize_bucket(
     return out
 
 
+def round_blockwise(weight: torch.Tensor, block: tuple[int, int] = BLOCK, scale_format: str = "fp32") -> torch.Tensor:
+    """``weight`` rounded through e4m3 blocks and dequantised, in its own dtype: the weight an FP8 engine
+    multiplies with (FP8 weight rounding, without FP8 activations)."""
+    q, scale_inv = quantize_blockwise(weight, block, scale_format)
+    return dequantize_blockwise(q, scale_inv, block).to(weight.dtype)
+
+
+def round_bucket(
+    bucket: Bucket,
+    block: tuple[int, int] = BLOCK,
+    scale_format: str = "fp32",
+    ignored: Sequence[str] = (),
+) -> Bucket:
+    """``bucket`` with each linear SGLang would quantise replaced by :func:`round_blockwise` of it (same names,
+    shapes and dtypes): what ``weight_sync.rollout_precision: fp8_rounded`` sends to an engine that keeps its
+    own dtype."""
+    return [(name, round_blockwise(tensor, block, scale_format) if is_quantised_name(name, ignored) else tensor)
+            for name, tensor in bucket]
+
+
 def quantize_buckets(
     buckets: Iterable[Bucket],
     block: tuple[int, int] = BLOCK,
@@ -142,6 +162,67 @@ def quantize_buckets(
     """:func:`quantize_bucket` over a stream of buckets (one bucket in memory at a time)."""
     for bucket in buckets:
         yield quantize_bucket(bucket, block, scale_format, ignored)
+
+
+def block_quant_problems(arch, tp_size: int, block: tuple[int, int] = BLOCK) -> list[str]:
+    """Why an SGLang engine of ``tp_size`` ranks cannot serve ``arch`` (a :class:`ModelArch`) as block-wise
+    FP8 (empty when it can). SGLang 0.5.23's ``Fp8LinearMethod`` and ``Fp8MoEMethod`` need every output part of
+    a merged (q/k/v, gate/up) or column-parallel linear to be whole blocks of ``block[0]`` rows, and, under
+    TP, the input part of a row-parallel one (o_proj, down_proj) whole blocks of ``block[1]`` columns; a model
+    that breaks this fails while the engine loads it."""
+    bn, bk = block
+    kv_heads = max(arch.num_query_groups // tp_size, 1)  # SGLang replicates KV heads below one per rank
+    parts = {"q_proj rows": arch.num_attention_heads * arch.head_dim // tp_size,
+             "k_proj/v_proj rows": kv_heads * arch.head_dim}
+    sizes = []
+    if not arch.is_moe or arch.moe_layers is None or not all(arch.moe_layers):
+        sizes.append(("", arch.ffn_hidden_size // tp_size))
+    if arch.is_moe:
+        sizes.append(("expert ", arch.moe_ffn_hidden_size // tp_size))
+    for prefix, intermediate in sizes:
+        parts[f"{prefix}gate_proj/up_proj rows"] = intermediate
+    problems = [f"{what} per engine rank = {size}, not a multiple of {bn}" for what, size in parts.items()
+                if size % bn]
+    if tp_size > 1:
+        inputs = {"o_proj columns": arch.num_attention_heads * arch.head_dim // tp_size,
+                  **{f"{prefix}down_proj columns": size for prefix, size in sizes}}
+        problems += [f"{what} per engine rank = {size}, not a multiple of {bk}" for what, size in inputs.items()
+                     if size % bk]
+    return problems
+
+
+def write_fp8_checkpoint(source: str, target: str, scale_format: str = "fp32") -> str:
+    """Write ``source`` (an unquantised HF folder) as the 128x128 block-FP8 checkpoint an engine serves under
+    ``weight_sync.rollout_precision: fp8``: every linear SGLang quantises as e4m3 with its
+    ``weight_scale_inv``, everything else as it was, ``config.json`` with :data:`FP8_QUANTIZATION_CONFIG`.
+    One safetensors file at a time is in memory; ``target`` appears complete or not at all. Returns ``target``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from alp_megatron.bridge.hf_folder import copy_side_files, new_staging_folder, publish_folder, read_hf_config
+
+    staging = new_staging_folder(target)
+    try:
+        copy_side_files(source, staging, include_config=False)
+        index_path = os.path.join(source, "model.safetensors.index.json")
+        weight_map = {}
+        for name in sorted(os.listdir(source)):
+            if name.endswith(".safetensors"):
+                bucket = quantize_bucket(sorted(load_file(os.path.join(source, name)).items()),
+                                         scale_format=scale_format)
+                save_file(dict(bucket), os.path.join(staging, name), metadata={"format": "pt"})
+                weight_map.update({tensor_name: name for tensor_name, _ in bucket})
+        if os.path.isfile(index_path):
+            with open(os.path.join(staging, "model.safetensors.index.json"), "w") as handle:
+                json.dump({"metadata": {}, "weight_map": weight_map}, handle, indent=2)
+        with open(os.path.join(staging, "config.json"), "w") as handle:
+            json.dump(with_fp8_quantization_config(read_hf_config(source)), handle, indent=2)
+        publish_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
 
 
 def served_fp8_config(model_dir: str) -> Optional[dict]:

@@ -11,7 +11,8 @@ Two checks, both naming each mismatch and its largest absolute difference:
   are gathered across TP by SGLang; embeddings and ``lm_head``, which SGLang pads to a multiple of 64 rows and
   shards over TP, are compared on their leading rows). The fused
   tensors are covered by the logprob check. Under FP8 serving the quantised ``o_proj``/``down_proj`` are
-  skipped. A name the engine cannot return (an unsupported architecture) is listed as unavailable, not failed.
+  skipped; in the FP8-rounded form (``rounded_fp8``, for ``rollout_precision: fp8_rounded``) they are compared
+  with the trainer's tensor rounded through e4m3 blocks, which the engine must hold exactly (in its dtype). A name the engine cannot return (an unsupported architecture) is listed as unavailable, not failed.
 * **Logprobs** (:func:`check_logprobs`): greedy ``/generate`` on fixed probe prompts (token ids in, a few new
   tokens), every prompt and output token's logprob against the trainer's unperturbed logprobs of the same
   sequences, which the caller computes (``reference(sequences)``).
@@ -107,8 +108,10 @@ def check_weights(
     atol: float = 0.0,
     fp8_served: bool = False,
     report: Optional[VerifyReport] = None,
+    rounded_fp8: bool = False,
 ) -> VerifyReport:
-    """Compare the engine's copy of HF tensors with ``tensors``.
+    """Compare the engine's copy of HF tensors with ``tensors`` (each linear SGLang quantises first rounded
+    through e4m3 blocks when ``rounded_fp8``).
 
     ``names``: ``"sample"`` (``sample`` names drawn with ``seed`` from the comparable ones), ``"all"``, or an
     explicit list (non-comparable names in it are listed as unavailable). ``rows``: leading rows compared per
@@ -137,7 +140,8 @@ def check_weights(
             report.unavailable.append(name)
             continue
         report.compared.append(name)
-        mismatch = _compare(name, torch.tensor(served, dtype=torch.float32), tensors[name], rows, served_dtype, atol)
+        expected = fp8.round_blockwise(tensors[name]) if rounded_fp8 and fp8.is_quantised_name(name) else tensors[name]
+        mismatch = _compare(name, torch.tensor(served, dtype=torch.float32), expected, rows, served_dtype, atol)
         if isinstance(mismatch, Mismatch):
             report.mismatches.append(mismatch)
             report.max_weight_diff = max(report.max_weight_diff, mismatch.max_abs_diff)
@@ -243,6 +247,7 @@ def verify_update(
     max_new_tokens: int = 4,
     fp8_served: bool = False,
     api_key: Optional[str] = None,
+    rounded_fp8: bool = False,
 ) -> VerifyReport:
     """Run :func:`check_weights` (when ``tensors`` is given) and :func:`check_logprobs` (when ``prompts``
     and ``reference`` are) against ``engine``; raise :class:`WeightMismatchError` if anything differs."""
@@ -251,7 +256,7 @@ def verify_update(
     report = VerifyReport(engine.url)
     if tensors is not None:
         check_weights(engine, tensors, names, sample, rows=rows, served_dtype=served_dtype, atol=weight_atol,
-                      fp8_served=fp8_served, report=report)
+                      fp8_served=fp8_served, report=report, rounded_fp8=rounded_fp8)
     if prompts and reference is not None:
         check_logprobs(engine, prompts, reference, max_new_tokens, logprob_atol, api_key, report=report)
     if report.mismatches:

@@ -40,6 +40,11 @@ from alp_megatron.rollout.errors import EngineError
 logger = logging.getLogger(__name__)
 
 FP8_MODES = ("auto", "on", "off")
+# What the engines compute with. native: their own dtype. fp8: a 128x128 block-FP8 checkpoint (FP8 weights and
+# GEMMs; SGLang has FP8 kernels on GPUs only). fp8_rounded: their own dtype, with every linear SGLang would
+# quantise rounded through e4m3 blocks and dequantised: FP8 weight rounding without FP8 activations, the
+# stand-in for fp8 where no FP8 kernel runs.
+ROLLOUT_PRECISIONS = ("native", "fp8", "fp8_rounded")
 
 
 class WeightSyncError(AlpError):
@@ -89,6 +94,7 @@ class WeightSyncConfig:
     retry_wait_s: float = 2.0
     timeout_s: float = 600.0
     check_names: bool = True
+    rollout_precision: str = "native"
 
     def __post_init__(self):
         engines = tuple(EngineSpec(**e) if isinstance(e, dict) else e for e in self.engines)
@@ -104,11 +110,12 @@ class WeightSyncConfig:
                                   "give the engine's --tp-size")
         if len({e.url.rstrip("/") for e in engines}) != len(engines):
             raise ConfigError("weight_sync.engines", "an engine URL is listed twice", "list each worker once")
-        check_sync_options(self.transport, self.pause_mode, self.fp8, self.fp8_scale_format, self.retries)
+        check_sync_options(self.transport, self.pause_mode, self.fp8, self.fp8_scale_format, self.retries,
+                           self.rollout_precision)
 
 
 def check_sync_options(transport: str, pause_mode: Optional[str], fp8_mode: str, fp8_scale_format: str,
-                       retries: int) -> None:
+                       retries: int, rollout_precision: str = "native") -> None:
     """The choices of a weight sync, checked where they are given (the run config) and where they are used."""
     if transport not in TRANSPORTS:
         raise ConfigError("weight_sync.transport", f"{transport!r} is not a transport", f"choose one of {TRANSPORTS}")
@@ -123,6 +130,12 @@ def check_sync_options(transport: str, pause_mode: Optional[str], fp8_mode: str,
                           f"choose one of {fp8.SCALE_FORMATS}")
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ConfigError("weight_sync.retries", f"{retries!r} is not >= 0", "give 0 or more retries")
+    if rollout_precision not in ROLLOUT_PRECISIONS:
+        raise ConfigError("weight_sync.rollout_precision", f"{rollout_precision!r} is not a rollout precision",
+                          f"choose one of {ROLLOUT_PRECISIONS}")
+    if (rollout_precision, fp8_mode) in (("fp8", "off"), ("fp8_rounded", "on")):
+        raise ConfigError("weight_sync.fp8", f"{fp8_mode} contradicts weight_sync.rollout_precision="
+                          f"{rollout_precision}", "leave weight_sync.fp8 at auto")
 
 
 @dataclass(frozen=True)
@@ -243,6 +256,8 @@ class WeightSync:
             for bucket, last in with_last(make_buckets()):
                 if quantise:
                     bucket = fp8.quantize_bucket(bucket, scale_format=self.config.fp8_scale_format, ignored=ignored)
+                elif self.config.rollout_precision == "fp8_rounded":
+                    bucket = fp8.round_bucket(bucket, scale_format=self.config.fp8_scale_format, ignored=ignored)
                 if manifest is not None:
                     manifest.check(bucket, last)
                 self.transport.push(bucket, weight_version=weight_version if last else None,
@@ -303,7 +318,19 @@ class WeightSync:
 
     def _serves_fp8(self, infos: list[dict]) -> tuple[bool, tuple[str, ...]]:
         """Whether the engines serve FP8, and the module paths they keep unquantised (``infos``: their
-        ``/model_info`` answers, in engine order)."""
+        ``/model_info`` answers, in engine order); checked against ``rollout_precision``."""
+        serves, ignored = self._served_format(infos)
+        precision = self.config.rollout_precision
+        if precision == "fp8" and not serves:
+            raise ConfigError("weight_sync.rollout_precision", "is fp8, but the engines serve a checkpoint without "
+                              "block-FP8 quantization_config", "serve the FP8 copy the run writes (base_model_fp8), "
+                              "or one written by alp_megatron.bridge.fp8.write_fp8_checkpoint")
+        if precision == "fp8_rounded" and serves:
+            raise ConfigError("weight_sync.rollout_precision", "is fp8_rounded (the engine keeps its own dtype), "
+                              "but the engines serve an FP8 checkpoint", "use fp8 for engines that serve FP8")
+        return serves, ignored
+
+    def _served_format(self, infos: list[dict]) -> tuple[bool, tuple[str, ...]]:
         extra = tuple(self.config.fp8_ignored_layers)
         if self.config.fp8 != "auto":
             return self.config.fp8 == "on", extra

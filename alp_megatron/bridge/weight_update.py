@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch.distributed as dist
 
+from alp_megatron.bridge import fp8
 from alp_megatron.bridge.weight_sync import EngineSpec, WeightSync, WeightSyncConfig, WeightSyncError
 from alp_megatron.errors import AlpError, ConfigError
 
@@ -28,6 +29,25 @@ def check_transport_reaches_engines(transport: str, rollout_mode: str, cuda_avai
                           "GPUs, and NCCL refuses two ranks of one group on one GPU",
                           "use weight_sync.transport=tensor (CUDA IPC) with rollout.mode=colocated, or run the "
                           "engines on GPUs of their own (rollout.mode=disaggregated)")
+
+
+def check_rollout_precision(precision: str, arch, engine_tp_size: int, cuda_available: bool) -> None:
+    """Refuse ``rollout_precision: fp8`` where it cannot run: a model whose linears SGLang's 128x128 block FP8
+    cannot hold at the engines' TP size (it would fail while loading), or a machine without CUDA (SGLang has
+    no FP8 kernels there); ``fp8_rounded`` is the weight-rounding stand-in that runs anywhere."""
+    if precision != "fp8":
+        return
+    problems = fp8.block_quant_problems(arch, engine_tp_size)
+    if problems:
+        raise ConfigError("weight_sync.rollout_precision",
+                          f"is fp8, but SGLang's 128x128 block FP8 cannot hold {arch.architecture} (hidden "
+                          f"{arch.hidden_size}) at server_tp_size {engine_tp_size}: " + "; ".join(problems),
+                          "use weight_sync.rollout_precision=fp8_rounded (FP8 weight rounding in the engine's own "
+                          "dtype), or a server_tp_size that leaves whole 128-blocks per rank")
+    if not cuda_available:
+        raise ConfigError("weight_sync.rollout_precision", "is fp8, but no GPU is visible and SGLang has no FP8 "
+                          "kernels on CPU", "use weight_sync.rollout_precision=fp8_rounded (FP8 weight rounding "
+                          "without FP8 activations)")
 
 
 class _Drainable:
@@ -58,7 +78,8 @@ class TrainerWeightSync:
                                                     fp8_scale_format=section.fp8_scale_format,
                                                     fp8_ignored_layers=section.fp8_ignored_layers, retries=0,
                                                     transport_options=section.transport_options(),
-                                                    check_names=section.check_names))
+                                                    check_names=section.check_names,
+                                                    rollout_precision=section.rollout_precision))
 
     def update(self, policy, weight_version: str) -> dict:
         """Push ``policy``'s weights to every engine as ``weight_version``. Collective; returns metrics."""

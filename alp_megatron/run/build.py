@@ -15,7 +15,8 @@ from alp_megatron.config_loading import to_dict
 from alp_megatron.errors import AlpError, ConfigError
 from alp_megatron.trainer.checkpoint import RunProgress, find_latest_checkpoint, load_checkpoint
 from alp_megatron.trainer.policy import Policy
-from alp_megatron.bridge.weight_update import TrainerWeightSync, check_transport_reaches_engines
+from alp_megatron.bridge.weight_update import (TrainerWeightSync, check_rollout_precision,
+                                                check_transport_reaches_engines)
 
 if TYPE_CHECKING:  # imported where built: the rollout side exists on global rank 0 only
     from alp_megatron.model.arch import ModelArch
@@ -53,12 +54,14 @@ class RunState:
         from alp_megatron.bridge.verify import comparable_names, generate_greedy, verify_update
 
         rank0 = dist.get_rank() == 0
+        precision = self.config.weight_sync.rollout_precision
         names = set()
         tensors = {}
         for bucket in self.policy.hf_buckets(self.config.weight_sync.bucket_bytes):
             if rank0:
                 names.update(name for name, _ in bucket)
-                tensors.update({name: t.clone() for name, t in bucket if name in comparable_names([name])})
+                tensors.update({name: t.clone() for name, t in bucket
+                                if name in comparable_names([name], fp8_served=precision == "fp8")})
         sequences = None
         if rank0:
             probe = generate_greedy(self.engines.controls[0], self.verify_prompts, max_new_tokens=4,
@@ -70,8 +73,13 @@ class RunState:
         worst = {"verify_max_weight_diff": 0.0, "verify_max_logprob_diff": 0.0}
         if rank0:
             for control in self.engines.controls:
-                report = verify_update(control, tensors, self.verify_prompts,
-                                       reference=lambda seqs: reference, api_key=self.config.rollout.api_key)
+                # Under FP8 the engine's logprobs differ from the trainer's by the rounding itself: the weights
+                # are checked in their FP8 form and the logprob difference is reported, not asserted.
+                report = verify_update(control, tensors, self.verify_prompts, reference=lambda seqs: reference,
+                                       api_key=self.config.rollout.api_key, fp8_served=precision == "fp8",
+                                       rounded_fp8=precision == "fp8_rounded",
+                                       served_dtype=_SERVED_DTYPES.get(self.config.rollout.server_dtype),
+                                       logprob_atol=1e-4 if precision == "native" else float("inf"))
                 worst["verify_max_weight_diff"] = max(worst["verify_max_weight_diff"], report.max_weight_diff)
                 worst["verify_max_logprob_diff"] = max(worst["verify_max_logprob_diff"], report.max_logprob_diff)
         return worst
@@ -85,6 +93,11 @@ class RunState:
         if self.metrics_logger is not None:
             self.metrics_logger.close()
 
+
+
+# rollout.server_dtype -> the dtype the engine's weights are held in (auto: the checkpoint's, as exported)
+_SERVED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+                  "float32": torch.float32, "float": torch.float32}
 
 
 def engine_routes(megatron: "ModelConfig", arch: "ModelArch") -> Optional[tuple[int, int, int]]:
@@ -138,11 +151,16 @@ def check_model_folder(hf_path: str) -> None:
 
 
 def check_run_inputs(config) -> None:
-    """What can be checked before anything starts, beyond the config's own checks: the model folder, the
-    reward function and a multi-turn rollout's tool and turn format (the dataset rows are checked when rank 0
+    """What can be checked before anything starts, beyond the config's own checks: the model folder (and FP8
+    rollouts of its architecture), the reward function and a multi-turn rollout's tool and turn format (the dataset rows are checked when rank 0
     reads them, before the model is built)."""
     if config.model.hf_path:
+        from alp_megatron.bridge.hf_folder import arch_from_hf_folder
+
         check_model_folder(config.model.hf_path)
+        # the architecture only: the machine checking a config (a login node) may have no GPU of the run's
+        check_rollout_precision(config.weight_sync.rollout_precision, arch_from_hf_folder(config.model.hf_path),
+                                config.rollout.server_tp_size, cuda_available=True)
     reward_function(config)
     if config.rollout.agent is not None:  # an unknown tool or turn format fails now, not at the first rollout
         from alp_megatron.rollout.tools import load_format, load_tool
@@ -164,6 +182,8 @@ def build_run(config, resume: bool) -> RunState:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from transformers import AutoTokenizer
 
+    from alp_megatron.bridge.fp8 import write_fp8_checkpoint
+    from alp_megatron.bridge.hf_folder import arch_from_hf_folder
     from alp_megatron.model.provider import initialize_parallel
     from alp_megatron.rollout.fleet import RolloutEngines, server_log_dir
     from alp_megatron.rollout.server import check_servable
@@ -180,6 +200,9 @@ def build_run(config, resume: bool) -> RunState:
     data_parallel = initialize_parallel(config.parallel, seed=config.run.seed)
     rank0 = dist.get_rank() == 0
     hf_dir = _base_model(config)
+    precision = config.weight_sync.rollout_precision
+    check_rollout_precision(precision, arch_from_hf_folder(hf_dir), config.rollout.server_tp_size,
+                            torch.cuda.is_available())
     tokenizer = engines = schedule = reward_fn = metrics_logger = batches = None
     if rank0:  # data and rewards first: a bad row or reward path fails before anything heavy starts
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -214,7 +237,12 @@ def build_run(config, resume: bool) -> RunState:
         arch = policy.arch
         check_servable(arch.architecture, arch.tie_word_embeddings)
         routes = engine_routes(config.model.megatron, arch)
-        engines = RolloutEngines(config.rollout, hf_dir, server_log_dir(out), f"v{weight_version}",
+        served_dir = hf_dir
+        if precision == "fp8" and not config.rollout.server_urls:  # the servers start from its FP8 copy
+            served_dir = os.path.join(out, "base_model_fp8")
+            if not os.path.isdir(served_dir):
+                write_fp8_checkpoint(hf_dir, served_dir, config.weight_sync.fp8_scale_format)
+        engines = RolloutEngines(config.rollout, served_dir, server_log_dir(out), f"v{weight_version}",
                                  arch.vocab_size, trainer_gpus_on_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                                  routed_experts=routes)
         urls, tp_sizes = engines.worker_urls, engines.engine_tp_sizes
@@ -235,8 +263,9 @@ def build_run(config, resume: bool) -> RunState:
     )
     if rank0:
         state.verify_prompts = [list(batches.source[i].prompt_ids) for i in range(min(2, len(batches.source)))]
-    # Engines launched here start from the base checkpoint; resumed weights must reach them, and engines
-    # started outside (rollout.server_urls) hold whatever they were started or last updated with.
-    if weight_version > 0 or config.rollout.server_urls:
+    # Engines launched here start from the base checkpoint; resumed weights must reach them, engines started
+    # outside (rollout.server_urls) hold whatever they were started or last updated with, and fp8_rounded
+    # engines must hold the rounded weights from the first rollout on.
+    if weight_version > 0 or config.rollout.server_urls or precision == "fp8_rounded":
         weight_sync.update(policy, f"v{weight_version}")
     return state

@@ -191,3 +191,73 @@ def test_ignored_layers_are_matched_as_sglang_matches_them():
     skipped = json.loads(result.stdout.strip().splitlines()[-1])
     assert any(skipped) and not all(skipped)
     assert ours == skipped, [(c, o, t) for c, o, t in zip(cases, ours, skipped) if o != t]
+
+
+def test_rounding_keeps_names_shapes_and_dtypes_and_rounds_only_what_sglang_quantises():
+    """``fp8_rounded`` sends each quantised linear as its e4m3 round trip in its own dtype, the rest untouched."""
+    bucket = [("model.layers.0.self_attn.q_proj.weight", _weight((256, 130))),
+              ("model.layers.0.mlp.down_proj.weight", _weight((130, 300), seed=1).to(torch.bfloat16)),
+              ("model.layers.0.mlp.gate.weight", _weight((4, 130), seed=2)),
+              ("model.norm.weight", torch.ones(130))]
+    rounded = fp8.round_bucket(bucket)
+    assert [(n, t.shape, t.dtype) for n, t in rounded] == [(n, t.shape, t.dtype) for n, t in bucket]
+    for (name, tensor), (_, out) in zip(bucket, rounded):
+        if fp8.is_quantised_name(name):
+            expected = fp8.dequantize_blockwise(*fp8.quantize_blockwise(tensor)).to(tensor.dtype)
+            assert torch.equal(out, expected) and not torch.equal(out, tensor)
+        else:
+            assert out is tensor
+    kept = fp8.round_bucket(bucket, ignored=["mlp.down_proj"])
+    assert kept[1][1] is bucket[1][1]  # a layer the served checkpoint keeps unquantised is not rounded
+
+
+def _arch(**overrides):
+    from alp_megatron.model.arch import ModelArch
+    from tests.tiny_models import hf_config
+
+    return ModelArch.from_hf_config(hf_config(**overrides))
+
+
+def test_block_quant_problems_follow_sglangs_partition_rules():
+    # the tiny test model: 64-wide projections are not whole 128-row blocks
+    tiny = fp8.block_quant_problems(_arch(), tp_size=1)
+    assert any("q_proj rows per engine rank = 64" in p for p in tiny)
+    assert any("k_proj/v_proj rows per engine rank = 32" in p for p in tiny)
+    # Qwen3-8B's shapes fit at every TP size SGLang serves it with
+    qwen3_8b = dict(architecture="Qwen3ForCausalLM", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=128, intermediate_size=12288)
+    assert all(fp8.block_quant_problems(_arch(**qwen3_8b), tp) == [] for tp in (1, 2, 4, 8))
+    # Qwen3-30B-A3B's experts (768 wide) split over 8 ranks are 96 wide: refused, naming the experts
+    qwen3_30b = dict(architecture="Qwen3MoeForCausalLM", hidden_size=2048, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8)
+    assert fp8.block_quant_problems(_arch(**qwen3_30b), 2) == []
+    problems = fp8.block_quant_problems(_arch(**qwen3_30b), 8)
+    assert problems == ["expert gate_proj/up_proj rows per engine rank = 96, not a multiple of 128",
+                        "expert down_proj columns per engine rank = 96, not a multiple of 128"]
+
+
+def test_an_fp8_copy_of_a_checkpoint_is_what_the_bridge_sends(tmp_path):
+    """The checkpoint launched servers serve under ``rollout_precision: fp8``: the quantization_config SGLang
+    reads, the names and shapes of the bridge's quantised buckets, the tokenizer, and weights within e4m3's bound."""
+    from alp_megatron.bridge.weight_sync import ServedManifest
+    from tests.bridge.test_transports import load_tensors
+    from tests.sglang_fixtures import tiny_model
+
+    source = tiny_model(tmp_path / "source", hidden_size=256, intermediate_size=512, head_dim=64)
+    target = fp8.write_fp8_checkpoint(source, str(tmp_path / "served"))
+    assert fp8.served_fp8_config(target) == fp8.FP8_QUANTIZATION_CONFIG
+    assert sorted(os.listdir(tmp_path)) == ["served", "source"]  # no staging folder left
+    original, served = load_tensors(source), load_tensors(target)
+    manifest = ServedManifest(target)
+    manifest.check(fp8.quantize_bucket(list(original.items())), last=True)  # raises on any difference
+    assert {n for n in served if n.endswith("weight_scale_inv")} == {
+        n[: -len("weight")] + "weight_scale_inv" for n in original if fp8.is_quantised_name(n)}
+    for name, tensor in original.items():
+        if fp8.is_quantised_name(name):
+            restored = fp8.dequantize_blockwise(served[name], served[name[: -len("weight")] + "weight_scale_inv"])
+            assert torch.equal(restored, fp8.round_blockwise(tensor))
+            assert (restored - tensor).abs().max() <= tensor.abs().max() / 16  # e4m3: 3 mantissa bits
+        else:
+            assert torch.equal(served[name], tensor)
+    assert {f for f in os.listdir(source) if "token" in f} <= set(os.listdir(target))

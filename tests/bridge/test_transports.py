@@ -434,38 +434,23 @@ def test_gpu_transport_updates_engine(request, models, references, transport, se
 def test_fp8_engine_serves_quantised_update(tmp_path_factory):
     """An engine serving a block-FP8 checkpoint takes the bridge's quantised weights: its logprobs equal the
     HF forward of the dequantised weights (up to the FP8 activation quantisation of SGLang's kernels)."""
-    import json
-
     from alp_megatron.bridge import fp8
 
     root = tmp_path_factory.mktemp("fp8")
     shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    served = tiny_model(root / "served", seed=0, **shape)
+    source = tiny_model(root / "source", seed=0, **shape)
     trainer = tiny_model(root / "trainer", seed=1, **shape)
     # The served checkpoint: FP8 linears with scales, and the quantization_config that makes SGLang use them.
-    from safetensors.torch import save_file
-
-    quantised = dict(fp8.quantize_bucket(list(load_tensors(served).items())))
-    for path in glob.glob(os.path.join(served, "*.safetensors")):
-        os.remove(path)
-    save_file(quantised, os.path.join(served, "model.safetensors"))
-    with open(os.path.join(served, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(served, "config.json"), "w") as f:
-        json.dump(fp8.with_fp8_quantization_config(config), f)
+    served = fp8.write_fp8_checkpoint(source, str(root / "served"))
     # The reference: the trainer's weights after an FP8 round trip.
     dequantised = root / "dequantised"
     tiny_model(dequantised, seed=1, **shape)
     tensors = load_tensors(trainer)
-    round_trip = {}
-    for name, tensor in tensors.items():
-        if fp8.is_quantised_name(name):
-            round_trip[name] = fp8.dequantize_blockwise(*fp8.quantize_blockwise(tensor))
-        else:
-            round_trip[name] = tensor
+    from safetensors.torch import save_file
+
     for path in glob.glob(os.path.join(dequantised, "*.safetensors")):
         os.remove(path)
-    save_file(round_trip, os.path.join(dequantised, "model.safetensors"))
+    save_file(dict(fp8.round_bucket(list(tensors.items()))), os.path.join(dequantised, "model.safetensors"))
     reference = HFReference(str(dequantised))
     with launch_server(served, device="cuda", dtype="bfloat16") as server:
         # the bound below means something only if the served weights are far further off (1.21 by transformers

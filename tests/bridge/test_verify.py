@@ -9,6 +9,7 @@ from alp_megatron.bridge.verify import (
     Mismatch,
     WeightMismatchError,
     _compare,
+    check_logprobs,
     check_weights,
     comparable_names,
     verify_update,
@@ -131,3 +132,34 @@ def test_corrupted_fused_tensor_is_caught_by_the_logprob_check(server, models, r
         verify_update(control, prompts=PROMPTS, reference=reference)
     assert {m.name for m in caught.value.mismatches} <= {f"probe[{i}]" for i in range(len(PROMPTS))}
     assert all(m.max_abs_diff > 1e-4 for m in caught.value.mismatches)
+
+
+def test_an_fp8_rounded_update_serves_the_trainers_weights_rounded_through_e4m3_blocks(server, models, tmp_path):
+    """``rollout_precision: fp8_rounded``: the weight-equality check in its FP8 form holds exactly (the 1:1
+    linears against their e4m3 round trip, the fused ones through the logprobs of a model holding the rounded
+    weights), while the plain check names every rounded linear, and the engine's logprobs moved off the
+    trainer's: the rounding is a mismatch, not a no-op."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from alp_megatron.bridge import fp8
+
+    tensors = load_tensors(models[1])
+    config = WeightSyncConfig(engines=[EngineSpec(server.url)], transport="tensor", rollout_precision="fp8_rounded")
+    with WeightSync(config) as sync:
+        sync.sync(buckets_of(tensors), "rounded")
+    rounded_dir = tmp_path / "rounded"
+    shutil.copytree(models[1], rounded_dir)
+    save_file(dict(fp8.round_bucket(list(tensors.items()))), str(rounded_dir / "model.safetensors"))
+    control = EngineControl(server.url)
+    report = verify_update(control, tensors, PROMPTS, HFReference(str(rounded_dir)), names="all", rows=None,
+                           rounded_fp8=True)
+    assert report.max_weight_diff == 0.0 and report.max_logprob_diff <= 1e-4
+    assert CORRUPTED in report.compared  # o_proj: quantised, compared in its rounded form
+    with pytest.raises(WeightMismatchError) as caught:
+        verify_update(control, tensors, names="all", rows=None)
+    differ = {m.name for m in caught.value.mismatches}
+    assert differ == {n for n in comparable_names(list(tensors)) if fp8.is_quantised_name(n)}
+    unrounded = check_logprobs(control, PROMPTS, HFReference(models[1]), atol=float("inf"))
+    assert unrounded.max_logprob_diff > 1e-3

@@ -184,11 +184,52 @@ def _cmdline(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def one_step_off(tmp_path_factory):
-    """One-step-off with a bfloat16 engine (a real train-inference mismatch), its samples saved."""
+    """One-step-off with a bfloat16 engine holding FP8-rounded weights (a real train-inference mismatch), the
+    bridge checked every step in its FP8 form, its samples saved."""
     out = tmp_path_factory.mktemp("runs") / "one_step_off"
     alp_train(out, "rollout.mode=disaggregated", "rollout.one_step_off=true", "rollout.server_dtype=bfloat16",
+              "weight_sync.rollout_precision=fp8_rounded", "weight_sync.verify_every=1",
               "metrics.save_rollouts=true", steps=3)
     return out
+
+
+def test_fp8_rounded_engines_hold_the_trainers_weights_rounded_from_the_first_rollout(one_step_off):
+    """Every step's check in the FP8 form passes (the engine holds each quantised linear's e4m3 round trip, in
+    bf16, exactly), and step 0's engine logprobs are nearer those of the rounded starting weights than of the
+    starting weights themselves: the sync at start rounded them before the first rollout."""
+    from transformers import AutoModelForCausalLM
+
+    from alp_megatron.bridge import fp8
+
+    records = read_metrics(os.path.join(one_step_off, "metrics.jsonl"))
+    assert [r["verify_max_weight_diff"] for r in records] == [0.0, 0.0, 0.0]
+    assert all(r["train_rollout_logprob_abs_diff"] > 0 and "staleness_token_mean" in r for r in records)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(one_step_off, "base_model"), dtype=torch.float64)
+    samples = _saved_samples(one_step_off, 0)
+    distance = {}
+    for form in ("unrounded", "rounded"):
+        if form == "rounded":
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if fp8.is_quantised_name(name):
+                        parameter.copy_(fp8.round_blockwise(parameter.float()))
+        distance[form] = sum(float((_hf_logprobs(model, s) - torch.tensor(s["rollout_logprobs"],
+                                                                           dtype=torch.float64)).abs().sum())
+                             for s in samples)
+    assert distance["rounded"] < 0.5 * distance["unrounded"], distance
+
+
+def _saved_samples(run_dir, step):
+    with open(os.path.join(run_dir, "rollouts", f"step_{step:08d}.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _hf_logprobs(model, sample):
+    """``transformers``' logprob of each response token of a saved sample."""
+    prompt, response = sample["prompt_ids"], sample["response_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
 def test_one_step_off_keeps_staleness_at_most_one(one_step_off):
@@ -201,25 +242,21 @@ def test_one_step_off_keeps_staleness_at_most_one(one_step_off):
 
 def test_reported_mismatch_equals_one_computed_from_the_same_samples(one_step_off):
     """Step 0's mismatch_k3 against one computed here from the saved samples' engine logprobs and the starting
-    model's logprobs by transformers (every step-0 sample was generated and scored with those weights)."""
+    model's logprobs by transformers (every step-0 sample was generated from those weights, FP8-rounded, and
+    the trainer scores them unrounded: the mismatch includes the rounding)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(os.path.join(one_step_off, "base_model"), dtype=torch.float64)
-    with open(os.path.join(one_step_off, "rollouts", "step_00000000.jsonl")) as handle:
-        samples = [json.loads(line) for line in handle]
+    samples = _saved_samples(one_step_off, 0)
     assert len(samples) == 32
     total, tokens = 0.0, 0
-    with torch.no_grad():
-        for sample in samples:
-            prompt, response = sample["prompt_ids"], sample["response_ids"]
-            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
-            trainer = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
-            log_ratio = trainer - torch.tensor(sample["rollout_logprobs"], dtype=torch.float64)
-            total += float((torch.exp(log_ratio) - 1 - log_ratio).sum())
-            tokens += len(response)
+    for sample in samples:
+        log_ratio = _hf_logprobs(model, sample) - torch.tensor(sample["rollout_logprobs"], dtype=torch.float64)
+        total += float((torch.exp(log_ratio) - 1 - log_ratio).sum())
+        tokens += len(sample["response_ids"])
     expected = total / tokens
     reported = read_metrics(os.path.join(one_step_off, "metrics.jsonl"))[0]["mismatch_k3"]
-    assert expected > 1e-7  # a bfloat16 engine against the fp32 trainer: a mismatch worth measuring
+    assert expected > 1e-7  # an FP8-rounded bfloat16 engine against the fp32 trainer: a mismatch worth measuring
     assert reported == pytest.approx(expected, rel=1e-2)
 
 
