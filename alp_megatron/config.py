@@ -25,6 +25,7 @@ from alp_megatron.rollout.types import SamplingConfig
 from alp_megatron.trainer.actor import CONTEXT_PARALLEL_NOT_BUILT, ActorConfig
 from alp_megatron.trainer.checkpoint import CheckpointConfig
 from alp_megatron.trainer.step import OptimizerSettings
+from alp_megatron.rollout.dynamic_sampling import DynamicSamplingConfig
 from alp_megatron.run.metrics import MetricsConfig
 
 
@@ -156,6 +157,8 @@ class RolloutSection:
     engine_temperature: Optional[float] = None
     # Multi-turn rollouts with a tool (alp_megatron.rollout.agent): null keeps single-turn sampling.
     agent: Optional[AgentConfig] = None
+    # DAPO's dynamic sampling (alp_megatron.rollout.dynamic_sampling): null trains on every group.
+    dynamic_sampling: Optional[DynamicSamplingConfig] = None
 
     def __post_init__(self):
         if self.mode not in ROLLOUT_MODES:

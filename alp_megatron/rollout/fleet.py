@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from concurrent.futures import Future
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.agent import Agent
@@ -113,10 +113,19 @@ class RolloutEngines:
     def engine_tp_sizes(self) -> Sequence[int]:
         return [self.config.server_tp_size] * len(self.worker_urls)
 
-    def submit(self, prompts: Sequence, group_ids: Sequence[int]) -> "Future[RolloutBatch]":
+    @property
+    def group_size(self) -> int:
+        return self.sampler.config.sampling.n
+
+    def submit(self, prompts: Sequence, group_ids: Sequence[int],
+               on_group: Optional[Callable[[list], None]] = None) -> "Future[RolloutBatch]":
         """Start a rollout of ``prompts`` (token ids or data records, one group each) on the background loop;
-        returns its Future."""
-        return asyncio.run_coroutine_threadsafe(self.sampler.rollout(prompts, group_ids), self._loop)
+        returns its Future. ``on_group(samples)`` is called on that loop's thread as each group completes."""
+        return asyncio.run_coroutine_threadsafe(self.sampler.rollout(prompts, group_ids, on_group), self._loop)
+
+    def abort(self) -> None:
+        """End the rollouts in flight: no new group starts, and every running request returns aborted."""
+        asyncio.run_coroutine_threadsafe(self.sampler.abort(), self._loop).result()
 
     def release_memory(self) -> None:
         """Colocated mode: SGLang frees its GPU memory (weights, KV cache) while Megatron trains.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -69,10 +69,11 @@ class Sampler:
     def worker_urls(self) -> tuple[str, ...]:
         return tuple(self.client.config.control_urls)
 
-    async def rollout(self, prompts: Sequence, group_ids: Optional[Sequence[int]] = None
-                      ) -> RolloutBatch:
+    async def rollout(self, prompts: Sequence, group_ids: Optional[Sequence[int]] = None,
+                      on_group: Optional[Callable[[list[Sample]], None]] = None) -> RolloutBatch:
         """``sampling.n`` samples for each prompt; group ``group_ids[i]`` (default ``i``) holds prompt i's.
         A prompt is its token ids, or a data record with ``prompt_ids`` that its samples carry as ``prompt``.
+        ``on_group(samples)`` is called with each group as it completes (not for groups :meth:`abort` stopped).
 
         Raises :class:`RolloutError` naming the group if one cannot be generated (other groups are cancelled).
         """
@@ -101,6 +102,8 @@ class Sampler:
                     sample.prompt = record
             results.append(samples)
             progress.update(len(samples))
+            if on_group is not None and not self._aborted:
+                on_group(samples)
 
         tasks = [asyncio.ensure_future(run_group(prompt, gid)) for prompt, gid in zip(prompts, group_ids)]
         try:

@@ -189,6 +189,7 @@ def build_run(config, resume: bool) -> RunState:
     from alp_megatron.rollout.server import check_servable
     from alp_megatron.run.metrics import MetricsLogger
     from alp_megatron.run.schedule import OneStepOff, Synchronous
+    from alp_megatron.run.scoring import reward_samples
 
     check_transport_reaches_engines(config.weight_sync.transport, config.rollout.mode, torch.cuda.is_available())
     out = config.run.output_dir
@@ -247,8 +248,11 @@ def build_run(config, resume: bool) -> RunState:
                                  routed_experts=routes)
         urls, tp_sizes = engines.worker_urls, engines.engine_tp_sizes
         first_group = progress.next_group_id
-        schedule = (OneStepOff(engines, batches, first_group) if config.rollout.one_step_off else
-                    Synchronous(engines, batches, first_group, colocated=config.rollout.mode == "colocated"))
+        dynamic = dict(dynamic_sampling=config.rollout.dynamic_sampling,
+                       score=lambda group: reward_samples(group, reward_fn, tokenizer))
+        schedule = (OneStepOff(engines, batches, first_group, **dynamic) if config.rollout.one_step_off else
+                    Synchronous(engines, batches, first_group, colocated=config.rollout.mode == "colocated",
+                                **dynamic))
         metrics_logger = MetricsLogger(out, config.metrics, to_dict(config),
                                        resume_after_step=start_step - 1 if resumed else None)
     weight_sync = TrainerWeightSync(config.weight_sync, urls, tp_sizes, config.rollout.api_key)

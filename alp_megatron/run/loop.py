@@ -74,7 +74,7 @@ def _next_batch(state: RunState, step: int) -> list:
                                 state.policy.arch.max_position_embeddings, first_sample_id=step * 10**6)
     if config.metrics.save_rollouts and batch is not None:
         write_rollouts(config.run.output_dir, step, scored.samples)
-    return [batch, {**scored.metrics, "time_rollout": rollout.seconds}]
+    return [batch, {**scored.metrics, **rollout.metrics, "time_rollout": rollout.seconds}]
 
 
 def _save(state: RunState, step: int) -> None:

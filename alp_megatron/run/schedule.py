@@ -5,22 +5,40 @@
 - :class:`OneStepOff`: the rollout of step k+1 runs on the engines while the trainer trains on step k's
   samples; it is awaited before the weight update, so no update lands mid-rollout and every sample is at
   most one policy version stale.
+
+Either draws each step's rollout as one batch of prompts, or, with ``rollout.dynamic_sampling``, as a
+:class:`~alp_megatron.rollout.dynamic_sampling.FilteredRollout` that keeps only groups with a reward spread.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Optional, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
 
-from alp_megatron.rollout.types import RolloutBatch
+from alp_megatron.rollout.types import RolloutBatch, Sample
+from alp_megatron.rollout.dynamic_sampling import DynamicSamplingConfig, FilteredRollout
 
 
 @dataclass
 class Rollout:
     batch: RolloutBatch  # each sample carries its data Prompt
     seconds: float  # wall time the trainer waited for it (all of it when synchronous)
+    metrics: dict = field(default_factory=dict)  # what the rollout itself reports (dynamic sampling)
+
+
+class _Started:
+    """A rollout of one batch of prompts, running: ``result()`` is its batch and no metrics of its own."""
+
+    def __init__(self, future: Future):
+        self.future = future
+
+    def result(self) -> tuple[RolloutBatch, dict]:
+        return self.future.result(), {}
+
+    def cancel(self) -> None:
+        self.future.cancel()
 
 
 class Schedule(Protocol):
@@ -40,22 +58,35 @@ class Schedule(Protocol):
 
 
 class Synchronous:
-    def __init__(self, engines, prompt_batches, first_group_id: int, colocated: bool):
+    """``dynamic_sampling`` with ``score(group)`` (sets each sample's reward): filter groups without a reward
+    spread and refill the batch (None: train on every group)."""
+
+    def __init__(self, engines, prompt_batches, first_group_id: int, colocated: bool,
+                 dynamic_sampling: Optional[DynamicSamplingConfig] = None,
+                 score: Optional[Callable[[list[Sample]], None]] = None):
         self.engines = engines
         self.prompt_batches = prompt_batches
         self.next_group_id = first_group_id
         self.colocated = colocated
+        self.dynamic_sampling = dynamic_sampling
+        self.score = score
 
-    def _submit(self) -> Future:
+    def _draw(self) -> tuple[list, list[int]]:
         prompts = self.prompt_batches.next_batch()
         ids = list(range(self.next_group_id, self.next_group_id + len(prompts)))
         self.next_group_id += len(prompts)
-        return self.engines.submit(prompts, ids)
+        return prompts, ids
+
+    def _submit(self):
+        if self.dynamic_sampling is None:
+            return _Started(self.engines.submit(*self._draw()))
+        return FilteredRollout(self.engines, self._draw, self.score, wanted=self.prompt_batches.batch_size,
+                               config=self.dynamic_sampling)
 
     def next_rollout(self) -> Rollout:
         start = time.perf_counter()
-        batch = self._submit().result()
-        return Rollout(batch, time.perf_counter() - start)
+        batch, metrics = self._submit().result()
+        return Rollout(batch, time.perf_counter() - start, metrics)
 
     def resume_state(self) -> dict:
         """What a checkpoint taken after this step must hold to continue with the same prompts."""
@@ -77,22 +108,28 @@ class Synchronous:
 
 
 class OneStepOff(Synchronous):
-    def __init__(self, engines, prompt_batches, first_group_id: int):
-        super().__init__(engines, prompt_batches, first_group_id, colocated=False)
-        self._pending: Optional[Future] = None
+    def __init__(self, engines, prompt_batches, first_group_id: int,
+                 dynamic_sampling: Optional[DynamicSamplingConfig] = None,
+                 score: Optional[Callable[[list[Sample]], None]] = None):
+        super().__init__(engines, prompt_batches, first_group_id, colocated=False,
+                         dynamic_sampling=dynamic_sampling, score=score)
+        self._pending = None
         self._state_before_pending: Optional[dict] = None
+        self._finished: Optional[tuple[RolloutBatch, dict]] = None
 
     def next_rollout(self) -> Rollout:
         start = time.perf_counter()
-        future = self._pending if self._pending is not None else self._submit()
-        batch = future.result()
-        self._pending = None
+        if self._finished is None:
+            self._finished = (self._pending or self._submit()).result()
+        batch, metrics = self._finished
+        self._pending = self._finished = None
         self._state_before_pending = super().resume_state()
         self._pending = self._submit()  # step k+1's rollout overlaps step k's training
-        return Rollout(batch, time.perf_counter() - start)
+        return Rollout(batch, time.perf_counter() - start, metrics)
 
     def before_sync(self) -> None:
-        self._pending.result()  # finish it on the old weights before they change
+        # finish it on the old weights before they change (filtering and refills, under dynamic sampling, too)
+        self._finished = self._pending.result()
 
     def resume_state(self) -> dict:
         # the prefetched rollout is not in the checkpoint: a resumed run draws its prompts again

@@ -67,6 +67,23 @@ class ScoredRollout:
     metrics: dict
 
 
+def reward_samples(samples: list[Sample], reward_fn, tokenizer) -> None:
+    """Set the reward of each sample that has none yet (dynamic sampling scored some already), from the data
+    ``Prompt`` it carries; a reward that cannot be computed names the prompt's dataset row."""
+    for sample in samples:
+        if sample.reward is not None:
+            continue
+        prompt = sample.prompt
+        if prompt is None:
+            raise ValueError(f"sample {sample.sample_index} of group {sample.group_id} carries no data prompt; "
+                             "roll out data records (Prompt), not bare token ids, to score them")
+        text = tokenizer.decode(sample.response_ids, skip_special_tokens=False)
+        try:
+            sample.reward = compute_reward(reward_fn, prompt.prompt_text, text, prompt.label, dict(prompt.metadata))
+        except RewardError as error:  # say which dataset row: a bad label is fixed there
+            raise RewardError(f"{prompt.source}, row {prompt.row}: {error}") from None
+
+
 def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: int) -> ScoredRollout:
     """Reward every complete group's samples from the data ``Prompt`` each sample carries.
 
@@ -79,17 +96,9 @@ def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: i
         logger.warning("%d of %d prompt groups were incomplete (aborted samples) and are not trained on",
                        dropped, len(rollout.group_ids))
     samples = [s for group in groups for s in group]
+    reward_samples(samples, reward_fn, tokenizer)
     rewards, lengths, staleness, eos = [], [], [], []
     for sample in samples:
-        prompt = sample.prompt
-        if prompt is None:
-            raise ValueError(f"sample {sample.sample_index} of group {sample.group_id} carries no data prompt; "
-                             "roll out data records (Prompt), not bare token ids, to score them")
-        text = tokenizer.decode(sample.response_ids, skip_special_tokens=False)
-        try:
-            sample.reward = compute_reward(reward_fn, prompt.prompt_text, text, prompt.label, dict(prompt.metadata))
-        except RewardError as error:  # say which dataset row: a bad label is fixed there
-            raise RewardError(f"{prompt.source}, row {prompt.row}: {error}") from None
         versions = [span.version for span in sample.weight_versions] or [sample.weight_version]
         sample.metadata["staleness"] = policy_version - min(version_number(v) for v in versions)
         rewards.append(sample.reward)

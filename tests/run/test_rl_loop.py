@@ -185,12 +185,25 @@ def _cmdline(pid: int) -> str:
 @pytest.fixture(scope="module")
 def one_step_off(tmp_path_factory):
     """One-step-off with a bfloat16 engine holding FP8-rounded weights (a real train-inference mismatch), the
-    bridge checked every step in its FP8 form, its samples saved."""
+    bridge checked every step in its FP8 form, dynamic sampling, its samples saved."""
     out = tmp_path_factory.mktemp("runs") / "one_step_off"
     alp_train(out, "rollout.mode=disaggregated", "rollout.one_step_off=true", "rollout.server_dtype=bfloat16",
               "weight_sync.rollout_precision=fp8_rounded", "weight_sync.verify_every=1",
-              "metrics.save_rollouts=true", steps=3)
+              "rollout.dynamic_sampling.max_gen_batches=3", "metrics.save_rollouts=true", steps=3)
     return out
+
+
+def test_dynamic_sampling_trains_only_on_groups_with_a_reward_spread(one_step_off):
+    records = read_metrics(os.path.join(one_step_off, "metrics.jsonl"))
+    for step, record in enumerate(records):
+        assert 1 <= record["dynamic_sampling_gen_batches"] <= 3
+        if not record["dynamic_sampling_capped"]:
+            assert record["dynamic_sampling_kept_groups"] == 8 and record["samples"] == 32
+        groups = {}
+        for sample in _saved_samples(one_step_off, step):
+            groups.setdefault(sample["group_id"], []).append(sample["reward"])
+        assert len(groups) == record["dynamic_sampling_kept_groups"]
+        assert all(max(rewards) > min(rewards) for rewards in groups.values())
 
 
 def test_fp8_rounded_engines_hold_the_trainers_weights_rounded_from_the_first_rollout(one_step_off):
