@@ -30,6 +30,7 @@ from alp_megatron.run.metrics import MetricsConfig
 
 
 ROLLOUT_MODES = ("colocated", "disaggregated")
+PARTIAL_ROLLOUTS = ("continue", "restart")
 LABEL_REWARDS = ("math", "exact_match", "positional_match")  # built-in rewards that compare with the label
 
 # The ServerConfig fields of each launched server, and the run config fields they come from.
@@ -137,6 +138,13 @@ class RolloutSection:
 
     mode: str = "colocated"
     one_step_off: bool = False
+    # Asynchronous training (alp_megatron.run.schedule.Asynchronous): rollouts run up to this many batches ahead
+    # of training and no trained token is older than this many weight versions; null: not asynchronous.
+    max_staleness: Optional[int] = None
+    # What a request in flight when the weights change does: continue (its later tokens come from the new
+    # weights, each token records its version) or restart (generated again from the prompt on the new weights;
+    # needs weight_sync.pause_mode=abort).
+    partial_rollouts: str = "continue"
     servers: int = 1
     server_tp_size: int = 1
     server_first_gpu: Optional[int] = None
@@ -150,6 +158,10 @@ class RolloutSection:
     host: str = "127.0.0.1"
     startup_timeout_s: float = 300.0
     groups_in_flight: int = 64
+    # A launched server that dies is restarted, gets the current weights and serves again (alp_megatron.rollout.
+    # fleet); the run stops when a server's restart fails max_restart_attempts times in a row and none is left.
+    restart_dead_servers: bool = True
+    max_restart_attempts: int = 3
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Off-policy studies only: the engine samples at this temperature while the trainer scores the policy
     # at sampling.temperature. The engine returns the logprobs of the distribution it sampled from (the
@@ -166,6 +178,24 @@ class RolloutSection:
         if self.one_step_off and self.mode == "colocated":
             raise ConfigError("rollout.one_step_off", "needs rollout.mode=disaggregated",
                               "colocated SGLang and Megatron share GPUs and take turns; set mode=disaggregated")
+        if self.max_staleness is not None:
+            if isinstance(self.max_staleness, bool) or self.max_staleness < 1:
+                raise ConfigError("rollout.max_staleness", f"{self.max_staleness!r} is not a positive number of "
+                                  "weight versions", "use 1 or more (1: one step ahead, partial rollouts), or null "
+                                  "for rollouts that never overlap a weight update")
+            if self.one_step_off:
+                raise ConfigError("rollout.one_step_off", "is set together with rollout.max_staleness",
+                                  "choose one: one_step_off finishes each rollout before the weights change, "
+                                  "max_staleness lets updates land mid-rollout")
+            if self.mode == "colocated":
+                raise ConfigError("rollout.max_staleness", "needs rollout.mode=disaggregated",
+                                  "colocated SGLang and Megatron share GPUs and take turns; set mode=disaggregated")
+        if self.partial_rollouts not in PARTIAL_ROLLOUTS:
+            raise ConfigError("rollout.partial_rollouts", f"{self.partial_rollouts!r} is not a choice",
+                              f"use one of {PARTIAL_ROLLOUTS}")
+        if self.partial_rollouts == "restart" and self.agent is not None:
+            raise ConfigError("rollout.partial_rollouts", "restart is not built for multi-turn trajectories",
+                              "use continue with rollout.agent")
         if self.router_url and not self.server_urls:
             raise ConfigError("rollout.router_url", "is set without rollout.server_urls",
                               "list the router's workers in rollout.server_urls (weight updates go to each of them)")
@@ -182,6 +212,10 @@ class RolloutSection:
             if url is not None and not url.startswith(("http://", "https://")):
                 raise ConfigError(name, f"{url!r} is not an http(s) URL",
                                   "give the base URL, e.g. http://10.0.0.5:30000")
+        if self.max_restart_attempts < 1:
+            raise ConfigError("rollout.max_restart_attempts", f"must be >= 1, got {self.max_restart_attempts}",
+                              "use e.g. 3 (failed restarts in a row before a server is given up), or "
+                              "rollout.restart_dead_servers=false to stop the run when a server dies")
         if self.groups_in_flight < 1:
             raise ConfigError("rollout.groups_in_flight", f"must be >= 1, got {self.groups_in_flight}",
                               "use e.g. 64 (concurrent /generate calls)")
@@ -291,6 +325,10 @@ class RunConfig:
             raise ConfigError("parallel.context_parallel", CONTEXT_PARALLEL_NOT_BUILT.format(
                 self.parallel.context_parallel), "use 1; for long sequences use tensor parallelism with "
                 "parallel.sequence_parallel=true, and packed micro-batches")
+        if self.rollout.partial_rollouts == "restart" and self.weight_sync.pause_mode != "abort":
+            raise ConfigError("weight_sync.pause_mode", f"is {self.weight_sync.pause_mode}, but "
+                              "rollout.partial_rollouts=restart needs the requests in flight returned at an update",
+                              "set weight_sync.pause_mode=abort")
         if self.actor.temperature != self.rollout.sampling.temperature:
             raise ConfigError("actor.temperature",
                               f"{self.actor.temperature} differs from rollout.sampling.temperature "

@@ -119,6 +119,24 @@ def test_fp8_settings_reach_the_run_config():
     assert tuple(config.weight_sync.fp8_ignored_layers) == ("lm_head", "mlp.gate")
 
 
+@pytest.mark.parametrize("overrides,field,fix", [
+    (("rollout.mode=disaggregated", "rollout.max_staleness=0"), "rollout.max_staleness", "use 1 or more"),
+    (("rollout.max_staleness=2",), "rollout.max_staleness", "set mode=disaggregated"),
+    (("rollout.mode=disaggregated", "rollout.max_staleness=2", "rollout.one_step_off=true"),
+     "rollout.one_step_off", "choose one"),
+    (("rollout.partial_rollouts=resume",), "rollout.partial_rollouts", "('continue', 'restart')"),
+    (("rollout.mode=disaggregated", "rollout.max_staleness=1", "rollout.partial_rollouts=restart"),
+     "weight_sync.pause_mode", "pause_mode=abort"),
+])
+def test_asynchronous_settings_that_cannot_work_name_the_field_and_the_fix(overrides, field, fix):
+    with pytest.raises(ConfigError) as error:
+        load_run_config(None, overrides)
+    assert error.value.field == field and fix in error.value.fix, str(error.value)
+    config = load_run_config(None, ("rollout.mode=disaggregated", "rollout.max_staleness=2",
+                                    "rollout.partial_rollouts=restart", "weight_sync.pause_mode=abort"))
+    assert config.rollout.max_staleness == 2
+
+
 def test_fp8_rollouts_that_cannot_run_are_refused_naming_the_field_and_the_fix():
     from alp_megatron.bridge.weight_update import check_rollout_precision
     from alp_megatron.model.arch import ModelArch

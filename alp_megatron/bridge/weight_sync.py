@@ -177,6 +177,7 @@ class WeightSync:
         self._tp_checked = False
         self._served_shapes: tuple = (None, {})  # (files' identity, shapes) of the served checkpoint
         self._touched = False  # whether the current attempt got past the read-only checks
+        self._active = self.engines  # the engines the running sync updates
 
     def close(self) -> None:
         """Tear the transport down (e.g. destroy the broadcast group) and close the HTTP clients."""
@@ -192,21 +193,32 @@ class WeightSync:
 
     # ---------------------------------------------------------------------------------------------
 
-    def sync(self, make_buckets: Callable[[], Iterable[Bucket]], weight_version: str) -> SyncReport:
-        """Load the buckets ``make_buckets()`` yields into every engine and label them ``weight_version``.
+    def sync(self, make_buckets: Callable[[], Iterable[Bucket]], weight_version: str,
+             urls: Optional[Sequence[str]] = None) -> SyncReport:
+        """Load the buckets ``make_buckets()`` yields into every engine (those of ``urls`` only, when given: e.g.
+        leave out one being restarted, or update only a restarted one) and label them ``weight_version``.
 
         ``make_buckets`` returns the full set of HF-named tensors as buckets (called again on a retry).
         Raises :class:`WeightSyncError` when an attempt fails and no retry is left.
         """
         if not weight_version:
             raise ValueError("weight_version must be a non-empty label")
+        if urls is None:
+            self._active = self.engines
+        else:
+            wanted = {url.rstrip("/") for url in urls}
+            self._active = [engine for engine in self.engines if engine.url.rstrip("/") in wanted]
+            unknown = wanted - {engine.url.rstrip("/") for engine in self._active}
+            if unknown or not self._active:
+                raise ValueError(f"sync to {sorted(wanted)}: {sorted(unknown) or 'no engine'} is not an engine of "
+                                 f"this sync ({[e.url for e in self.engines]})")
         attempts = 1 + self.config.retries
         self._touched = False
         for attempt in range(1, attempts + 1):
             try:
                 report = self._attempt(make_buckets, weight_version, attempt)
             except (EngineError, TransportError, OSError) as error:
-                urls = _failed_urls(error, self.engines)
+                urls = _failed_urls(error, self._active)
                 self.transport.close()
                 if attempt < attempts and not isinstance(error, ManifestError):
                     logger.warning("weight sync to %s failed (attempt %d of %d), retrying whole: %s",
@@ -218,14 +230,14 @@ class WeightSync:
                          "No engine was changed; fix the engine (or drop it from weight_sync.engines) and sync again")
                 raise WeightSyncError(
                     f"weight update to version {weight_version!r} failed after {attempt} attempt(s) on "
-                    f"{urls or [e.url for e in self.engines]}: {error}. {state}", urls) from error
+                    f"{urls or [e.url for e in self._active]}: {error}. {state}", urls) from error
             except BaseException:
                 # A trainer-side failure (e.g. in make_buckets): not retried; sessions are closed already
                 # and the engines stay paused.
                 self.transport.close()
                 raise
             logger.info("weights %s loaded into %d engine(s) by %s in %.2f s (%d buckets, %.1f MiB)",
-                        weight_version, len(self.engines), report.transport, report.seconds, report.buckets,
+                        weight_version, len(self._active), report.transport, report.seconds, report.buckets,
                         report.bytes / 2**20)
             return report
         raise AssertionError("unreachable")
@@ -239,7 +251,7 @@ class WeightSync:
         quantise, ignored = self._serves_fp8(infos)
         # Before generation pauses: a transport that cannot reach the engines (no group, no readable source
         # files) fails with the engines still serving their old weights.
-        self.transport.connect(self.engines)
+        self.transport.connect(self._active)
         self._touched = True
         if self.config.pause_mode is not None:
             self._each(lambda e: e.control.pause_generation(self.config.pause_mode))
@@ -248,7 +260,7 @@ class WeightSync:
         opened: list[EngineTarget] = []
         try:
             if self.transport.requires_session:
-                for engine in self.engines:
+                for engine in self._active:
                     engine.control.begin_weight_update()
                     opened.append(engine)
             buckets = tensors = nbytes = 0
@@ -288,15 +300,15 @@ class WeightSync:
     def _each(self, call) -> list:
         """Run ``call(engine)`` on every engine at once and return the answers in engine order; raise the
         first failure after all have answered."""
-        with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="weights-ctl") as pool:
-            futures = [pool.submit(call, engine) for engine in self.engines]
+        with ThreadPoolExecutor(max_workers=len(self._active), thread_name_prefix="weights-ctl") as pool:
+            futures = [pool.submit(call, engine) for engine in self._active]
             errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]
         return [f.result() for f in futures]
 
     def _check_versions(self, weight_version: str) -> None:
-        for engine in self.engines:
+        for engine in self._active:
             served = engine.control.weight_version()
             if served != weight_version:
                 raise TransportError(f"{engine.url} reports weight_version {served!r} after the update to "
@@ -309,7 +321,7 @@ class WeightSync:
             return None
         if not os.path.isdir(path):
             logger.info("%s serves %r, not readable here: tensor names and shapes are not checked before sending",
-                        self.engines[0].url, path)
+                        self._active[0].url, path)
             return None
         identity = (path, ServedManifest.files_identity(path))
         if self._served_shapes[0] != identity:
@@ -336,7 +348,7 @@ class WeightSync:
             return self.config.fp8 == "on", extra
         if self._fp8 is None:
             verdicts = {}
-            for engine, info in zip(self.engines, infos):
+            for engine, info in zip(self._active, infos):
                 path = info.get("model_path", "")
                 if not os.path.isfile(os.path.join(path, "config.json")):
                     raise ConfigError("weight_sync.fp8", f"{engine.url} serves {path!r}, which is not readable here, "
@@ -356,7 +368,7 @@ class WeightSync:
         if self._tp_checked:
             return
         answers = self._each(lambda e: e.control.server_info())
-        for i, (engine, answer) in enumerate(zip(self.engines, answers)):
+        for i, (engine, answer) in enumerate(zip(self._active, answers)):
             served = answer.get("tp_size")  # top level of SGLang 0.5.23's /server_info
             if served is None:
                 logger.warning("%s does not report its tp_size: weight_sync.engines[%d].tp_size=%d is not checked",

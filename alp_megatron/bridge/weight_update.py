@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -81,8 +81,13 @@ class TrainerWeightSync:
                                                     check_names=section.check_names,
                                                     rollout_precision=section.rollout_precision))
 
-    def update(self, policy, weight_version: str) -> dict:
-        """Push ``policy``'s weights to every engine as ``weight_version``. Collective; returns metrics."""
+    def update(self, policy, weight_version: str, targets: Optional[Callable[[], Sequence[str]]] = None,
+               before_retry: Optional[Callable[[], None]] = None) -> dict:
+        """Push ``policy``'s weights to every engine as ``weight_version``. Collective; returns metrics.
+
+        Global rank 0 only: ``targets()`` names the engines of each attempt (default: all), and
+        ``before_retry()`` runs before a retry (the fleet restarts an engine that died mid-update there, so the
+        retry reaches its replacement)."""
         start = time.perf_counter()
         last_error = ""
         for attempt in range(1 + self.section.retries):
@@ -90,7 +95,9 @@ class TrainerWeightSync:
             outcome = [True, ""]
             if self.rank0:
                 try:
-                    report = self.sync.sync(lambda: buckets, weight_version)
+                    if attempt and before_retry is not None:
+                        before_retry()
+                    report = self.sync.sync(lambda: buckets, weight_version, targets() if targets else None)
                     outcome = [True, f"{report.buckets} buckets, {report.bytes / 2**20:.1f} MiB"]
                 except AlpError as error:
                     outcome = [False, str(error)]

@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import aiohttp
 import numpy as np
@@ -140,6 +140,10 @@ class RolloutClient:
                         "the request's return_routed_experts)", len(config.control_urls))
             urls = config.control_urls
         self._endpoints = [_Endpoint(url) for url in urls]
+        self._out_of_service: set[str] = set()  # workers that must get no request (restarting, stale weights)
+        # Set by the fleet that restarts servers: True while one is being brought back. Requests then wait for a
+        # server in service, and a failure on a dying server does not use up an attempt.
+        self.recovering: Optional[Callable[[], bool]] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._rid_prefix = uuid.uuid4().hex[:8]
         self._rid_counter = itertools.count()
@@ -173,6 +177,22 @@ class RolloutClient:
     def new_rid(self, label: str = "r") -> str:
         """A request id unique to this client (SGLang keys abort and state by it)."""
         return f"{label}-{self._rid_prefix}-{next(self._rid_counter)}"
+
+    def set_in_service(self, url: str, serving: bool) -> None:
+        """Take worker ``url`` out of service (it gets no request: it is restarting, or holds stale weights), or
+        put it back. Thread-safe enough for the fleet's supervisor thread: one set operation."""
+        (self._out_of_service.discard if serving else self._out_of_service.add)(url.rstrip("/"))
+
+    def _none_in_service(self) -> bool:
+        return all(url in self._out_of_service for url in self.config.control_urls)
+
+    async def _wait_for_service(self, label: str) -> None:
+        """Wait while every worker is out of service and the fleet is bringing one back."""
+        while self._none_in_service() and self.recovering is not None and self.recovering():
+            await asyncio.sleep(0.2)
+        if self._none_in_service():
+            raise EngineUnreachableError(self.config.urls[0], "/generate", "no server is in service (each died and "
+                                         "could not be brought back); see the servers' logs", request=label)
 
     # ---------------------------------------------------------------------------------------------
     # generation
@@ -230,7 +250,10 @@ class RolloutClient:
             body.update(return_routed_experts=True, routed_experts_start_len=routes_start)
         tried: list[str] = []
         last_error: Optional[EngineError] = None
-        for attempt in range(self.config.max_attempts):
+        attempt = -1
+        while attempt + 1 < self.config.max_attempts:
+            attempt += 1
+            await self._wait_for_service(label)
             endpoint = self._pick(avoid=tried[-1:] if len(self._endpoints) > 1 else (), prefer=prefer)
             if rid is not None:
                 body["rid"] = rid if attempt == 0 else f"{rid}~{attempt}"
@@ -242,9 +265,11 @@ class RolloutClient:
                 tried.append(endpoint.url)
                 self._mark_down(endpoint)
                 self.stats.retries += 1
+                if self.recovering is not None and self.recovering():
+                    attempt -= 1  # a server is being brought back: this failure does not count
                 logger.warning("generate %s on %s failed (%s); retrying on another server (attempt %d of %d)",
                                label, endpoint.url, last_error.message, attempt + 2, self.config.max_attempts)
-                await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
+                await asyncio.sleep(self.config.retry_backoff_s * max(attempt + 1, 1))
                 continue
             items = [answer] if single and isinstance(answer, dict) else answer
             if not isinstance(items, list) or len(items) != len(prompts):
@@ -302,12 +327,13 @@ class RolloutClient:
 
     def _pick(self, avoid: Sequence[str] = (), prefer: Optional[str] = None) -> _Endpoint:
         now = time.monotonic()
-        for endpoint in self._endpoints:
+        serving = [e for e in self._endpoints if e.url not in self._out_of_service] or self._endpoints
+        for endpoint in serving:
             if endpoint.url == prefer and endpoint.url not in avoid and endpoint.down_until <= now:
                 return endpoint
-        candidates = [e for e in self._endpoints if e.url not in avoid and e.down_until <= now]
+        candidates = [e for e in serving if e.url not in avoid and e.down_until <= now]
         if not candidates:
-            candidates = [e for e in self._endpoints if e.down_until <= now] or self._endpoints
+            candidates = [e for e in serving if e.down_until <= now] or serving
             if all(e.down_until > now for e in candidates):
                 return min(candidates, key=lambda e: e.down_until)
         return min(candidates, key=lambda e: e.in_flight)
@@ -357,7 +383,9 @@ class RolloutClient:
         return dict(zip(self.config.control_urls, results))
 
     async def _control_all(self, endpoint: str, body: Optional[dict]) -> None:
-        results = await asyncio.gather(*(self._control(url, endpoint, body) for url in self.config.control_urls),
+        """``endpoint`` on every worker in service (one out of service runs none of this client's requests)."""
+        urls = [url for url in self.config.control_urls if url not in self._out_of_service]
+        results = await asyncio.gather(*(self._control(url, endpoint, body) for url in urls),
                                        return_exceptions=True)
         errors = [result for result in results if isinstance(result, BaseException)]
         if errors:

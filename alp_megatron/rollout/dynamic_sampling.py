@@ -85,6 +85,7 @@ class FilteredRollout:
                 group = self._groups.get(timeout=0.2)
             except queue.Empty:
                 self._raise_failure()
+                self.engines.tend()  # a restarted engine gets the current weights meanwhile
                 if self._outstanding == 0:
                     break  # the cap is reached and every group has come back
                 continue
@@ -119,8 +120,11 @@ class FilteredRollout:
                 raise future.exception()
 
     def _wait(self) -> None:
-        for future in self._futures:
-            future.exception()  # each generation batch ends (its aborted requests come back) before the step goes on
+        for future in self._futures:  # each generation batch ends (its aborted requests come back) first
+            try:
+                self.engines.wait(future)
+            except Exception:  # noqa: BLE001 - a failed batch was raised by _raise_failure, or is not needed
+                pass
 
     def cancel(self) -> None:
         """Abort every request of this rollout (a run stopped mid-rollout) and wait for them to come back."""

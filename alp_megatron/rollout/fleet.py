@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future
 from typing import Callable, Optional, Sequence
 
@@ -21,7 +22,8 @@ from alp_megatron.rollout.client import ClientConfig, RolloutClient
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.router import RouterConfig, SGLangRouter
 from alp_megatron.rollout.sampler import Sampler, SamplerConfig
-from alp_megatron.rollout.server import ServerConfig, start_servers, stop_servers
+from alp_megatron.rollout.errors import ServerStartError
+from alp_megatron.rollout.server import ServerConfig, ServerSupervisor, start_servers, stop_servers
 from alp_megatron.rollout.types import RolloutBatch
 
 logger = logging.getLogger(__name__)
@@ -99,12 +101,24 @@ class RolloutEngines:
                 agent = Agent(rollout_config.agent, AutoTokenizer.from_pretrained(model_path),
                               context_tokens=_context_tokens(model_path, rollout_config.server_extra_args))
             self.sampler = Sampler(client, SamplerConfig(sampling=sampling,
-                                                         groups_in_flight=rollout_config.groups_in_flight),
+                                                         groups_in_flight=rollout_config.groups_in_flight,
+                                                         restart_aborted=rollout_config.partial_rollouts == "restart"),
                                    agent=agent)
             self.controls = [EngineControl(url, api_key=rollout_config.api_key) for url in self.worker_urls]
+            self._busy_lock, self._rollouts_running, self._busy_since, self._busy_seconds = threading.Lock(), 0, 0.0, 0.0
+            self._stale: set[str] = set()  # restarted servers that do not hold the current weights yet
+            self.on_stale: Optional[Callable[[list[str]], None]] = None  # the run pushes the current weights
+            self.supervisor: Optional[ServerSupervisor] = None
+            if self.servers and rollout_config.restart_dead_servers:
+                self.supervisor = ServerSupervisor(self.servers, interval_s=1.0, on_death=self._take_out_of_service,
+                                                   on_restarted=lambda server: self._stale.add(server.url),
+                                                   max_failures=rollout_config.max_restart_attempts)
+                client.recovering = self.recovering
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)
             self._thread.start()
+            if self.supervisor is not None:
+                self.supervisor.start()
         except BaseException:
             self._stop_processes()
             raise
@@ -121,7 +135,25 @@ class RolloutEngines:
                on_group: Optional[Callable[[list], None]] = None) -> "Future[RolloutBatch]":
         """Start a rollout of ``prompts`` (token ids or data records, one group each) on the background loop;
         returns its Future. ``on_group(samples)`` is called on that loop's thread as each group completes."""
-        return asyncio.run_coroutine_threadsafe(self.sampler.rollout(prompts, group_ids, on_group), self._loop)
+        self._count_busy(+1)
+        future = asyncio.run_coroutine_threadsafe(self.sampler.rollout(prompts, group_ids, on_group), self._loop)
+        future.add_done_callback(lambda _: self._count_busy(-1))
+        return future
+
+    def _count_busy(self, change: int) -> None:
+        with self._busy_lock:
+            now = time.perf_counter()
+            if change > 0 and self._rollouts_running == 0:
+                self._busy_since = now
+            self._rollouts_running += change
+            if self._rollouts_running == 0:
+                self._busy_seconds += now - self._busy_since
+
+    def busy_seconds(self) -> float:
+        """Seconds so far during which at least one rollout ran (the rest of the time the engines idled)."""
+        with self._busy_lock:
+            running = time.perf_counter() - self._busy_since if self._rollouts_running else 0.0
+            return self._busy_seconds + running
 
     def abort(self) -> None:
         """End the rollouts in flight: no new group starts, and every running request returns aborted."""
@@ -130,21 +162,109 @@ class RolloutEngines:
     def release_memory(self) -> None:
         """Colocated mode: SGLang frees its GPU memory (weights, KV cache) while Megatron trains.
         Needs ``--enable-memory-saver`` on a GPU; on CPU it is a no-op in SGLang."""
-        for control in self.controls:
+        for control in self._live_controls():
             control.release_memory_occupation()
 
     def resume_memory(self) -> None:
-        for control in self.controls:
+        for control in self._live_controls():
             control.resume_memory_occupation()
 
-    def check_alive(self) -> None:
-        """Restart any launched server whose process died (the client already routes around it)."""
-        for server in self.servers:
-            if not server.is_alive():
-                logger.warning("SGLang server %s died; restarting it (log: %s)", server.url, server.log_path)
-                server.restart()
+    def _live_controls(self) -> list[EngineControl]:
+        targets = set(self.sync_targets())  # not a server that is dead or restarting
+        return [control for control in self.controls if control.url in targets]
+
+    # ---------------------------------------------------------------------------------------------
+    # servers that die (launched ones: the supervisor restarts them; see the module docstring)
+
+    def _take_out_of_service(self, server) -> None:
+        """A server died: no request goes to it (client, router) until it is back with the current weights."""
+        self._stale.discard(server.url)
+        self.sampler.client.set_in_service(server.url, False)
+        if self.router is not None:
+            try:
+                self.router.remove_worker(server.url)
+            except Exception as error:  # noqa: BLE001 - the router also stops routing to a worker that fails
+                logger.warning("could not take %s out of the router: %s", server.url, error)
+
+    def recovering(self) -> bool:
+        """Whether a launched server is dead, restarting, or restarted and waiting for the current weights."""
+        supervisor = self.supervisor
+        return supervisor is not None and bool(supervisor.dead() or supervisor.restarting or self._stale)
+
+    def stale_servers(self) -> list[str]:
+        """Restarted servers, healthy, that must get the current weights before they serve."""
+        return sorted(self._stale)
+
+    def sync_targets(self) -> list[str]:
+        """The engines a weight update goes to: all but the dead and the restarting (remembered for
+        :meth:`after_sync`)."""
+        if self.supervisor is None:
+            return list(self.worker_urls)
+        out = {server.url for server in self.supervisor.dead()} | set(self.supervisor.restarting) \
+            | set(self.supervisor.given_up)
+        self._last_targets = [url for url in self.worker_urls if url not in out]
+        return list(self._last_targets)
+
+    def after_sync(self) -> None:
+        """After a weight update to :meth:`sync_targets`: the restarted engines among them serve again."""
+        self.return_to_service([url for url in getattr(self, "_last_targets", ()) if url in self._stale])
+
+    def fleet_metrics(self) -> dict:
+        """``server_restarts`` (so far, all servers) and ``servers_in_service`` (now)."""
+        if self.supervisor is None:
+            return {"servers_in_service": float(len(self.worker_urls))}
+        return {"server_restarts": float(sum(self.supervisor.restarts.values())),
+                "servers_in_service": float(len(self.serving_controls()))}
+
+    def serving_controls(self) -> list[EngineControl]:
+        targets = set(self.sync_targets()) - self._stale
+        return [control for control in self.controls if control.url in targets]
+
+    def return_to_service(self, urls) -> None:
+        """Engines that now hold the current weights take requests again (router first, then the client)."""
+        for url in urls:
+            if url not in self._stale:
+                continue
+            if self.router is not None:
+                self.router.add_worker(url)
+            self._stale.discard(url)
+            self.sampler.client.set_in_service(url, True)
+            logger.info("SGLang server %s is back in service with the current weights", url)
+
+    def tend(self) -> None:
+        """Called on the run's main thread while it waits for rollouts: raise when no engine is left, and hand
+        restarted engines to :attr:`on_stale` for the current weights."""
+        supervisor = self.supervisor
+        if supervisor is not None and len(supervisor.given_up) == len(self.servers):
+            raise ServerStartError("SGLang servers", ", ".join(self.worker_urls), "all died and could not be "
+                                   f"brought back ({supervisor.given_up})", None, "")
+        stale = self.stale_servers()
+        if stale and self.on_stale is not None:
+            self.on_stale(stale)
+
+    def wait(self, future: Future):
+        """``future.result()``, tending the servers every half second meanwhile (see :meth:`tend`)."""
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except TimeoutError:
+                self.tend()
+
+    def recover_now(self) -> None:
+        """Restart every dead server now and wait until each is healthy (a weight update that failed on one
+        retries on its replacement); gives a server up after ``rollout.max_restart_attempts`` failures."""
+        while self.supervisor is not None and (self.supervisor.dead() or self.supervisor.restarting):
+            self.supervisor.check_once(wait=True)
+
+    def wait_for_a_server(self) -> None:
+        """Return once some engine is up (serving, or restarted and waiting for weights); raise when none can be."""
+        while self.supervisor is not None and not self.sync_targets():
+            self.recover_now()
+            self.tend()
 
     def _stop_processes(self) -> None:
+        if getattr(self, "supervisor", None) is not None:
+            self.supervisor.stop()
         if self.router is not None:
             self.router.stop()
         stop_servers(self.servers)

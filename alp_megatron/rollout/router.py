@@ -10,12 +10,14 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import requests
 
 from alp_megatron.errors import ConfigError
+from alp_megatron.rollout.errors import ServerStartError
 from alp_megatron.rollout.process import ManagedProcess, ManagedService, base_url, free_port, is_loopback
 
 logger = logging.getLogger(__name__)
@@ -104,10 +106,39 @@ class SGLangRouter(ManagedService):
             cmd += ["--prometheus-port", str(self._metrics_port)]
         return cmd + list(cfg.extra_args)
 
+    def _headers(self) -> Optional[dict]:
+        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else None
+
     def workers(self) -> list:
         """The router's view of its workers (``GET /workers``)."""
-        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else None
-        answer = requests.get(self.url + "/workers", headers=headers, timeout=10)
+        answer = requests.get(self.url + "/workers", headers=self._headers(), timeout=10)
         answer.raise_for_status()
         body = answer.json()
         return body.get("workers", body) if isinstance(body, dict) else body
+
+    def remove_worker(self, url: str, timeout: float = 30.0) -> None:
+        """Stop routing to worker ``url`` (``DELETE /workers/{id}``, applied in the background by the router:
+        this waits until it is gone). A server restarted after a crash serves its starting weights; it must
+        receive no request until it holds the run's current ones."""
+        for worker in self.workers():
+            if worker.get("url", "").rstrip("/") == url.rstrip("/"):
+                answer = requests.delete(f"{self.url}/workers/{worker['id']}", headers=self._headers(), timeout=10)
+                answer.raise_for_status()
+        self._wait_workers(lambda urls: url.rstrip("/") not in urls, f"{url} to leave", timeout)
+
+    def add_worker(self, url: str, timeout: float = 60.0) -> None:
+        """Route to worker ``url`` again (``POST /workers``); waits until the router reports it healthy."""
+        answer = requests.post(self.url + "/workers", json={"url": url}, headers=self._headers(), timeout=10)
+        answer.raise_for_status()
+        self._wait_workers(lambda urls: urls.get(url.rstrip("/")) is True, f"{url} to join", timeout)
+
+    def _wait_workers(self, done, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            urls = {w.get("url", "").rstrip("/"): bool(w.get("is_healthy")) for w in self.workers()}
+            if done(urls):
+                return
+            if time.monotonic() > deadline:
+                raise ServerStartError(self.kind, self.url, f"did not apply the change (waited {timeout:.0f} s for "
+                                       f"worker {what}; its workers: {urls})", self.log_path, self.log_tail(20))
+            time.sleep(0.2)

@@ -36,11 +36,13 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SamplerConfig:
     """``groups_in_flight`` bounds the concurrent ``/generate`` calls (each carries ``sampling.n`` samples);
-    ``continue_aborted`` continues samples aborted by a pause (not by :meth:`Sampler.abort`)."""
+    ``continue_aborted`` continues samples aborted by a pause (not by :meth:`Sampler.abort`);
+    ``restart_aborted`` generates them again from the prompt instead (``rollout.partial_rollouts: restart``)."""
 
     sampling: SamplingConfig = SamplingConfig()
     groups_in_flight: int = 64
     continue_aborted: bool = True
+    restart_aborted: bool = False
     max_continuations: int = 8
     show_progress: bool = True
 
@@ -153,6 +155,18 @@ class Sampler:
         for _ in range(self.config.max_continuations):
             if not sample.aborted or self._aborted or len(sample.response_ids) >= budget:
                 return sample
+            if self.config.restart_aborted:  # drop what the old weights generated; start over on the new ones
+                rid = self.client.new_rid(f"g{sample.group_id}-s{sample.sample_index}-restart")
+                params = self._seeded(self.config.sampling.sglang_params(), sample.group_id, sample.sample_index)
+                try:
+                    again = await self.client.generate(sample.prompt_ids, params, rid=rid)
+                except EngineError as error:
+                    raise RolloutError(f"restarting sample {sample.sample_index} of group {sample.group_id} "
+                                       f"failed: {error}") from error
+                restarts = sample.metadata.get("restarts", 0) + 1
+                sample = replace(self._sample(sample.prompt_ids, again, sample.group_id, sample.sample_index),
+                                 prompt=sample.prompt, metadata={**sample.metadata, "restarts": restarts})
+                continue
             params = self._seeded({**self.config.sampling.sglang_params(),
                                    "max_new_tokens": budget - len(sample.response_ids)},
                                   sample.group_id, sample.sample_index)  # same seed: the draws depend on position

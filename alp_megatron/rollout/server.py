@@ -271,36 +271,74 @@ class ServerSupervisor:
     """Restarts servers whose process has died, checking every ``interval_s`` seconds in a thread.
 
     Liveness is the process, not ``/health``: a paused server does not answer ``/health`` but is fine.
-    ``restarts`` counts restarts per URL; a restart that fails is logged with its log tail and tried
-    again at the next check.
+    ``on_death(server)`` runs when a death is first seen, before the restart (take the server out of service);
+    ``on_restarted(server)`` once it is healthy again. Each restart runs in a thread of its own (servers that die
+    together come back together): it stops what is left of the old server (its process group and the
+    shared-memory files SGLang leaves, see ``patches/sglang.py``) and starts it on the same port. ``restarts``
+    counts restarts per URL; a restart that fails is logged with its log tail and tried again at the next
+    check, and after ``max_failures`` failures in a row the server is given up (``given_up``: URL -> why).
     """
 
-    def __init__(self, servers: Sequence[SGLangServer], interval_s: float = 2.0):
+    def __init__(self, servers: Sequence[SGLangServer], interval_s: float = 2.0, on_death=None, on_restarted=None,
+                 max_failures: int = 3):
         import threading
 
         self.servers = list(servers)
         self.interval_s = interval_s
+        self.on_death, self.on_restarted, self.max_failures = on_death, on_restarted, max_failures
         self.restarts: dict[str, int] = {server.url: 0 for server in self.servers}
+        self.failures: dict[str, int] = {server.url: 0 for server in self.servers}
+        self.restarting: set[str] = set()
+        self.given_up: dict[str, str] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def check_once(self) -> list[SGLangServer]:
-        """Restart every server whose process is gone; returns the servers restarted (healthy again)."""
-        restarted = []
-        for server in self.servers:
-            if self._stop.is_set():
-                break
-            if server.pid is not None and not server.is_alive():
-                logger.error("SGLang server %s (pid %s) died; log tail:\n%s", server.url, server.pid,
-                             server.log_tail(20))
-                try:
-                    server.restart()
-                except ServerStartError as error:
-                    logger.error("restart of %s failed: %s", server.url, error)
+    def dead(self) -> list[SGLangServer]:
+        """Servers whose process is gone and that are not given up (restarting, or not yet seen)."""
+        return [s for s in self.servers if s.url not in self.given_up and s.pid is not None and not s.is_alive()]
+
+    def check_once(self, wait: bool = True) -> None:
+        """Start a restart of every server whose process is gone and that is not restarting already; with
+        ``wait``, return once every restart running has ended (healthy, or failed)."""
+        import threading
+
+        with self._lock:
+            for server in self.dead():
+                if self._stop.is_set() or server.url in self.restarting:
                     continue
-                self.restarts[server.url] = self.restarts.get(server.url, 0) + 1
-                restarted.append(server)
-        return restarted
+                if self.failures.get(server.url, 0) == 0:
+                    logger.error("SGLang server %s (pid %s) died; log tail:\n%s", server.url, server.pid,
+                                 server.log_tail(20))
+                    if self.on_death is not None:
+                        self.on_death(server)
+                self.restarting.add(server.url)
+                thread = threading.Thread(target=self._restart, args=(server,), name=f"restart-{server.port}",
+                                          daemon=True)
+                self._threads[server.url] = thread
+                thread.start()
+        if wait:
+            for thread in list(self._threads.values()):
+                thread.join()
+
+    def _restart(self, server: SGLangServer) -> None:
+        try:
+            server.restart()
+        except ServerStartError as error:
+            self.failures[server.url] = self.failures.get(server.url, 0) + 1
+            logger.error("restart %d of %s failed: %s", self.failures[server.url], server.url, error)
+            if self.failures[server.url] >= self.max_failures:
+                self.given_up[server.url] = f"{self.failures[server.url]} restarts in a row failed: {error}"
+                server.stop()
+        else:
+            self.failures[server.url] = 0
+            self.restarts[server.url] = self.restarts.get(server.url, 0) + 1
+            if self.on_restarted is not None:
+                self.on_restarted(server)
+        finally:
+            self.restarting.discard(server.url)
+            self._threads.pop(server.url, None)
 
     def start(self) -> "ServerSupervisor":
         import threading
@@ -315,10 +353,12 @@ class ServerSupervisor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        for thread in list(self._threads.values()):  # a restart in progress ends (healthy or not) first
+            thread.join()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.check_once()
+            self.check_once(wait=False)
 
     def __enter__(self) -> "ServerSupervisor":
         return self.start()

@@ -64,7 +64,8 @@ class RunState:
                                 if name in comparable_names([name], fp8_served=precision == "fp8")})
         sequences = None
         if rank0:
-            probe = generate_greedy(self.engines.controls[0], self.verify_prompts, max_new_tokens=4,
+            controls = self.engines.serving_controls()  # not one that is restarting or waiting for weights
+            probe = generate_greedy(controls[0], self.verify_prompts, max_new_tokens=4,
                                     api_key=self.config.rollout.api_key)
             sequences = [list(sequence) for sequence, _ in probe]
         box = [sequences]
@@ -72,7 +73,7 @@ class RunState:
         reference = self.policy.unperturbed_logprobs(box[0])
         worst = {"verify_max_weight_diff": 0.0, "verify_max_logprob_diff": 0.0}
         if rank0:
-            for control in self.engines.controls:
+            for control in controls:
                 # Under FP8 the engine's logprobs differ from the trainer's by the rounding itself: the weights
                 # are checked in their FP8 form and the logprob difference is reported, not asserted.
                 report = verify_update(control, tensors, self.verify_prompts, reference=lambda seqs: reference,
@@ -188,7 +189,7 @@ def build_run(config, resume: bool) -> RunState:
     from alp_megatron.rollout.fleet import RolloutEngines, server_log_dir
     from alp_megatron.rollout.server import check_servable
     from alp_megatron.run.metrics import MetricsLogger
-    from alp_megatron.run.schedule import OneStepOff, Synchronous
+    from alp_megatron.run.schedule import Asynchronous, OneStepOff, Synchronous
     from alp_megatron.run.scoring import reward_samples
 
     check_transport_reaches_engines(config.weight_sync.transport, config.rollout.mode, torch.cuda.is_available())
@@ -250,9 +251,13 @@ def build_run(config, resume: bool) -> RunState:
         first_group = progress.next_group_id
         dynamic = dict(dynamic_sampling=config.rollout.dynamic_sampling,
                        score=lambda group: reward_samples(group, reward_fn, tokenizer))
-        schedule = (OneStepOff(engines, batches, first_group, **dynamic) if config.rollout.one_step_off else
-                    Synchronous(engines, batches, first_group, colocated=config.rollout.mode == "colocated",
-                                **dynamic))
+        if config.rollout.max_staleness is not None:
+            schedule = Asynchronous(engines, batches, first_group, config.rollout.max_staleness, **dynamic)
+        elif config.rollout.one_step_off:
+            schedule = OneStepOff(engines, batches, first_group, **dynamic)
+        else:
+            schedule = Synchronous(engines, batches, first_group, colocated=config.rollout.mode == "colocated",
+                                   **dynamic)
         metrics_logger = MetricsLogger(out, config.metrics, to_dict(config),
                                        resume_after_step=start_step - 1 if resumed else None)
     weight_sync = TrainerWeightSync(config.weight_sync, urls, tp_sizes, config.rollout.api_key)

@@ -26,11 +26,16 @@ def run(config, resume: bool = False) -> RunState:
     """Train ``config.run.steps`` RL steps (continuing from the latest checkpoint when ``resume``)."""
     state = build_run(config, resume)
     policy, rank0 = state.policy, dist.get_rank() == 0
+    if rank0:  # while rank 0 waits for rollouts, a restarted engine gets the current weights (every rank exports)
+        state.engines.on_stale = lambda urls: _push_current_weights(state, urls)
     try:
         for step in range(state.start_step, config.run.steps):
             started = time.perf_counter()
-            batch, metrics = _next_batch(state, step) if rank0 else (None, None)
-            has_batch, metrics = _broadcast([batch is not None, metrics])
+            batch = None
+            if rank0:
+                busy_before = state.engines.busy_seconds()
+                batch, metrics = _next_batch(state, step)
+            has_batch, metrics = _on_rank0(state, lambda: [batch is not None, metrics])
             started_distribute = time.perf_counter()
             local = distribute(batch, config.actor, pad_to_multiple=state.pad_to_multiple) if has_batch else None
             metrics["time_distribute"] = time.perf_counter() - started_distribute
@@ -41,16 +46,18 @@ def run(config, resume: bool = False) -> RunState:
             if rank0:
                 state.schedule.after_train()
             metrics["time_train"] = time.perf_counter() - train_start
-            if rank0:
-                state.schedule.before_sync()
+            _on_rank0(state, lambda: _before_sync(state))
             state.weight_version += 1
-            metrics.update(state.weight_sync.update(policy, f"v{state.weight_version}"))
+            metrics.update(state.weight_sync.update(policy, f"v{state.weight_version}", **_sync_targets(state)))
+            if rank0:
+                state.engines.after_sync()  # restarted engines this update reached serve again
             if config.weight_sync.verify_every and (step + 1) % config.weight_sync.verify_every == 0:
                 metrics.update(state.verify_engines())
             metrics.update(_training_metrics(report, policy.sigma_by_layer(), policy.noise_ratio_by_layer()),
                            weight_version=state.weight_version, run_start_step=state.start_step,
                            time_step=time.perf_counter() - started)
             if rank0:
+                metrics.update(state.engines.fleet_metrics(), **_idle_shares(state, metrics, busy_before))
                 record = state.metrics_logger.write(step, metrics)
                 logger.info(_summary(step, config.run.steps, record))
             if config.checkpoint.save_every and (step + 1) % config.checkpoint.save_every == 0:
@@ -68,13 +75,56 @@ def _next_batch(state: RunState, step: int) -> list:
     """Global rank 0: the step's rollout, scored and packed into ``[TrainingBatch or None, metrics]``."""
     config = state.config
     rollout = state.schedule.next_rollout()
-    scored = score_rollout(rollout.batch, state.reward_fn, state.tokenizer, policy_version=state.weight_version)
+    scored = score_rollout(rollout.batch, state.reward_fn, state.tokenizer, policy_version=state.weight_version,
+                           max_staleness=config.rollout.max_staleness)
     batch = training_batch(scored, config.reward.advantage == "grpo", state.divisible_by,
                                 state.tokenizer.pad_token_id or 0, state.pad_to_multiple,
                                 state.policy.arch.max_position_embeddings, first_sample_id=step * 10**6)
     if config.metrics.save_rollouts and batch is not None:
         write_rollouts(config.run.output_dir, step, scored.samples)
     return [batch, {**scored.metrics, **rollout.metrics, "time_rollout": rollout.seconds}]
+
+
+def _on_rank0(state: RunState, work):
+    """Every rank: global rank 0 runs ``work()`` and its result reaches every rank. Meanwhile the others stand
+    by for rank 0's requests to push the current weights into restarted engines (:func:`_push_current_weights`,
+    a collective) and do their part of each."""
+    if dist.get_rank() == 0:
+        return _broadcast(("done", work()))[1]
+    while True:
+        kind, payload = _broadcast(None)
+        if kind != "push":
+            return payload
+        state.weight_sync.update(state.policy, f"v{state.weight_version}")
+
+
+def _push_current_weights(state: RunState, urls: list) -> None:
+    """Global rank 0, inside :func:`_on_rank0`: the current weights into the restarted engines ``urls``, which
+    then serve again."""
+    _broadcast(("push", urls))
+    state.weight_sync.update(state.policy, f"v{state.weight_version}", targets=lambda: urls)
+    state.engines.return_to_service(urls)
+
+
+def _before_sync(state: RunState) -> None:
+    """Rank 0 before a weight update: the rollout running on the old weights ends, and some engine is up."""
+    state.schedule.before_sync()
+    state.engines.wait_for_a_server()
+
+
+def _sync_targets(state: RunState) -> dict:
+    """Rank 0's choice of engines for the step's update (all but those dead or restarting), and the restart
+    of an engine that died mid-update before the update is retried."""
+    if state.engines is None:
+        return {}
+    return {"targets": state.engines.sync_targets, "before_retry": state.engines.recover_now}
+
+
+def _idle_shares(state: RunState, metrics: dict, busy_before: float) -> dict:
+    """The step's shares of time the trainer waited for a rollout and the engines had no rollout to run."""
+    step = metrics["time_step"]
+    busy = state.engines.busy_seconds() - busy_before
+    return {"trainer_idle_share": metrics["time_rollout"] / step, "rollout_idle_share": max(0.0, 1 - busy / step)}
 
 
 def _save(state: RunState, step: int) -> None:

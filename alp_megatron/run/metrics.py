@@ -95,7 +95,8 @@ def read_metrics(path: str) -> list[dict]:
 def write_rollouts(output_dir: str, step: int, samples: list) -> str:
     """Write the samples of step ``step`` that the trainer trains on, one JSON object per line (``sample_id``,
     ``group_id``, ``prompt_ids``, ``response_ids``, ``rollout_logprobs`` (the engine's, one per response token),
-    ``loss_mask``, ``reward``, ``advantage``, ``finish_reason``, ``weight_versions``), to
+    ``loss_mask``, ``reward``, ``advantage``, ``finish_reason``, ``weight_versions``: the version that produced
+    each run of response tokens, ``{"version", "start", "end"}``), to
     ``<output_dir>/rollouts/`` atomically. Returns the file's path."""
     path = os.path.join(output_dir, "rollouts", f"step_{step:08d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -106,7 +107,9 @@ def write_rollouts(output_dir: str, step: int, samples: list) -> str:
             "response_ids": list(sample.response_ids), "rollout_logprobs": list(sample.rollout_logprobs),
             "loss_mask": list(sample.loss_mask), "reward": sample.reward, "advantage": sample.advantage,
             "finish_reason": sample.finish_reason,
-            "weight_versions": [span.version for span in sample.weight_versions] or [sample.weight_version],
+            "weight_versions": [{"version": span.version, "start": span.start, "end": span.end}
+                                for span in sample.weight_versions]
+                               or [{"version": sample.weight_version, "start": 0, "end": len(sample.response_ids)}],
         }) + "\n")
     write_text_atomically(path, "".join(lines))
     return path

@@ -5,6 +5,11 @@
 - :class:`OneStepOff`: the rollout of step k+1 runs on the engines while the trainer trains on step k's
   samples; it is awaited before the weight update, so no update lands mid-rollout and every sample is at
   most one policy version stale.
+- :class:`Asynchronous` (``rollout.max_staleness: k``): rollouts run ahead of training, up to ``k`` batches,
+  and weight updates land while they generate: a request in flight goes on under the new weights (each token
+  records the version that produced it) or starts over (``rollout.partial_rollouts``). A batch is started
+  only when it will be trained at most ``k`` versions after the weights it starts on, so no trained token is
+  older than ``k`` versions.
 
 Either draws each step's rollout as one batch of prompts, or, with ``rollout.dynamic_sampling``, as a
 :class:`~alp_megatron.rollout.dynamic_sampling.FilteredRollout` that keeps only groups with a reward spread.
@@ -13,6 +18,7 @@ Either draws each step's rollout as one batch of prompts, or, with ``rollout.dyn
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
@@ -29,13 +35,14 @@ class Rollout:
 
 
 class _Started:
-    """A rollout of one batch of prompts, running: ``result()`` is its batch and no metrics of its own."""
+    """A rollout of one batch of prompts, running: ``result()`` is its batch and no metrics of its own (waited
+    for while the engines are tended: a restarted one gets the current weights meanwhile)."""
 
-    def __init__(self, future: Future):
-        self.future = future
+    def __init__(self, engines, future: Future):
+        self.engines, self.future = engines, future
 
     def result(self) -> tuple[RolloutBatch, dict]:
-        return self.future.result(), {}
+        return self.engines.wait(self.future), {}
 
     def cancel(self) -> None:
         self.future.cancel()
@@ -79,7 +86,7 @@ class Synchronous:
 
     def _submit(self):
         if self.dynamic_sampling is None:
-            return _Started(self.engines.submit(*self._draw()))
+            return _Started(self.engines, self.engines.submit(*self._draw()))
         return FilteredRollout(self.engines, self._draw, self.score, wanted=self.prompt_batches.batch_size,
                                config=self.dynamic_sampling)
 
@@ -138,3 +145,35 @@ class OneStepOff(Synchronous):
     def close(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
+
+
+class Asynchronous(Synchronous):
+    """Rollouts ``max_staleness`` batches ahead of training (see the module docstring). At the rollout of the
+    step that trains version ``v`` (the engines serve ``v``), the batches to be trained at ``v .. v + k`` are
+    started if they are not running yet; each started at version ``v`` or later, none is trained more than ``k``
+    versions later. The next batch (``v + k + 1``) waits for the engines to serve ``v + 1``."""
+
+    def __init__(self, engines, prompt_batches, first_group_id: int, max_staleness: int,
+                 dynamic_sampling: Optional[DynamicSamplingConfig] = None,
+                 score: Optional[Callable[[list[Sample]], None]] = None):
+        super().__init__(engines, prompt_batches, first_group_id, colocated=False,
+                         dynamic_sampling=dynamic_sampling, score=score)
+        self.max_staleness = max_staleness
+        self._ahead: deque = deque()  # (running rollout, the resume state from before its prompts), oldest first
+
+    def next_rollout(self) -> Rollout:
+        start = time.perf_counter()
+        while len(self._ahead) < self.max_staleness + 1:
+            before = Synchronous.resume_state(self)
+            self._ahead.append((self._submit(), before))
+        running, _ = self._ahead.popleft()
+        batch, metrics = running.result()
+        return Rollout(batch, time.perf_counter() - start, {**metrics, "rollouts_ahead": float(len(self._ahead))})
+
+    def resume_state(self) -> dict:
+        # the batches still running are not in the checkpoint: a resumed run draws their prompts again
+        return dict(self._ahead[0][1]) if self._ahead else Synchronous.resume_state(self)
+
+    def close(self) -> None:
+        for running, _ in self._ahead:
+            running.cancel()

@@ -27,6 +27,12 @@ def version_number(label: str) -> int:
     return int(label[1:]) if label.startswith("v") and label[1:].isdigit() else -1
 
 
+def oldest_version(sample: Sample) -> int:
+    """The oldest weight version that produced a token of ``sample``."""
+    versions = [span.version for span in sample.weight_versions] or [sample.weight_version]
+    return min(version_number(v) for v in versions)
+
+
 def token_staleness(sample: Sample, policy_version: int) -> dict[int, int]:
     """Staleness -> number of the sample's model tokens (loss mask 1) generated that many versions before
     ``policy_version``, from its weight-version spans (one span per version run: O(versions), not O(tokens))."""
@@ -84,23 +90,32 @@ def reward_samples(samples: list[Sample], reward_fn, tokenizer) -> None:
             raise RewardError(f"{prompt.source}, row {prompt.row}: {error}") from None
 
 
-def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: int) -> ScoredRollout:
+def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: int,
+                  max_staleness: Optional[int] = None) -> ScoredRollout:
     """Reward every complete group's samples from the data ``Prompt`` each sample carries.
 
     Aborted or incomplete groups are dropped (and counted). ``policy_version`` is the version of the
-    weights about to be trained: a sample's staleness is that minus the version that generated it.
+    weights about to be trained: a sample's staleness is that minus the oldest version that generated a token
+    of it; a group with a sample staler than ``max_staleness`` is dropped too (``stale_groups_dropped``; the
+    asynchronous schedule starts no batch that could be, so this counts what got past it).
     """
     groups = rollout.complete_groups()
     dropped = len(rollout.group_ids) - len(groups)
     if dropped:
         logger.warning("%d of %d prompt groups were incomplete (aborted samples) and are not trained on",
                        dropped, len(rollout.group_ids))
+    stale = 0
+    if max_staleness is not None:
+        fresh = [g for g in groups if all(policy_version - oldest_version(s) <= max_staleness for s in g)]
+        stale, groups = len(groups) - len(fresh), fresh
+        if stale:
+            logger.warning("%d groups had samples more than %d versions older than the policy and are not "
+                           "trained on", stale, max_staleness)
     samples = [s for group in groups for s in group]
     reward_samples(samples, reward_fn, tokenizer)
     rewards, lengths, staleness, eos = [], [], [], []
     for sample in samples:
-        versions = [span.version for span in sample.weight_versions] or [sample.weight_version]
-        sample.metadata["staleness"] = policy_version - min(version_number(v) for v in versions)
+        sample.metadata["staleness"] = policy_version - oldest_version(sample)
         rewards.append(sample.reward)
         lengths.append(len(sample.response_ids))
         staleness.append(sample.metadata["staleness"])
@@ -116,6 +131,7 @@ def score_rollout(rollout: RolloutBatch, reward_fn, tokenizer, policy_version: i
         "staleness_mean": sum(staleness) / count,
         "staleness_max": float(max(staleness, default=0)),
         "groups_dropped": float(dropped),
+        "stale_groups_dropped": float(stale),
         "samples": float(len(samples)),
     }
     metrics.update(trajectory_metrics(samples))

@@ -47,15 +47,18 @@ def test_groups_have_n_samples_with_ids_logprobs_and_versions(client_config):
     assert len(batch.complete_groups()) == 2
 
 
-@pytest.mark.parametrize("mode", ["retract", "abort", "in_place"])
+@pytest.mark.parametrize("mode", ["retract", "abort", "in_place", "restart"])
 def test_weight_update_mid_rollout_is_recorded_in_version_spans(mode, client_config, slowed_server, model_dirs):
+    """A request in flight at an update goes on under the new weights, each token recording its version; with
+    ``restart`` (rollout.partial_rollouts, after an ``abort`` pause) it is generated again on the new weights."""
     new_version = f"v1-{mode}"
     tokens = 150  # at SLOW_FORWARD_S per step: at least 3 s, so the update lands mid-generation
     sampler = Sampler(RolloutClient(client_config),
-                      SamplerConfig(SamplingConfig(n=2, max_new_tokens=tokens, ignore_eos=True), show_progress=False))
+                      SamplerConfig(SamplingConfig(n=2, max_new_tokens=tokens, ignore_eos=True), show_progress=False,
+                                    restart_aborted=mode == "restart"))
 
     def update_weights():
-        slowed_server.pause_generation(mode)
+        slowed_server.pause_generation("abort" if mode == "restart" else mode)
         # in_place keeps the KV cache of the paused requests, so the cache cannot be flushed.
         slowed_server.update_weights_from_disk(model_dirs["v1"], weight_version=new_version,
                                                flush_cache=mode != "in_place")
@@ -75,6 +78,10 @@ def test_weight_update_mid_rollout_is_recorded_in_version_spans(mode, client_con
     assert len(batch.complete_groups()) == len(PROMPTS)
     for sample in batch.samples:
         assert len(sample.response_ids) == len(sample.rollout_logprobs) == len(sample.loss_mask) == tokens
+        if mode == "restart":  # nothing of the old weights is kept
+            assert sample.weight_versions == [WeightSpan(new_version, 0, tokens)] and not sample.aborted
+            assert sample.metadata["restarts"] == 1 and "continuations" not in sample.metadata
+            continue
         old, new = sample.weight_versions
         assert old.version == "v0" and new.version == new_version
         assert old.start == 0 and 0 < old.end == new.start and new.end == tokens

@@ -2,15 +2,18 @@
 shared-memory file behind."""
 
 import os
+import signal
 import socket
+import sys
+import time
 
 import pytest
 
 from alp_megatron.errors import ConfigError
 from alp_megatron.rollout.engine_control import EngineControl
 from alp_megatron.rollout.errors import EngineError, EngineUnreachableError
-from alp_megatron.rollout.process import free_port, group_running, group_shared_memory
-from alp_megatron.rollout.server import ServerConfig, SGLangServer
+from alp_megatron.rollout.process import ManagedService, free_port, group_running, group_shared_memory
+from alp_megatron.rollout.server import ServerConfig, ServerSupervisor, SGLangServer
 from tests.sglang_fixtures import server_config
 
 
@@ -177,3 +180,57 @@ def test_a_tied_checkpoint_of_an_architecture_sglang_never_ties_is_refused():
     assert error.value.field == "model.hf_path"
     check_servable("Qwen3MoeForCausalLM", tied_embeddings=False)
     check_servable("LlamaForCausalLM", tied_embeddings=True)
+
+
+class _HttpService(ManagedService):
+    """A real process serving HTTP (``python -m http.server``), restarted like a server; ``broken`` makes every
+    later start exit at once (a server that cannot come back)."""
+
+    kind = "http service"
+    health_path = "/"
+    startup_timeout_s = 20.0
+
+    def __init__(self, root):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(str(root), f"http-{self.port}.log")
+        self.broken = False
+
+    def command(self):
+        if self.broken:
+            return [sys.executable, "-c", "raise SystemExit('cannot start')"]
+        return [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1"]
+
+    def restart(self):
+        self.stop()
+        self.start()
+        return self.wait_healthy()
+
+
+def test_the_supervisor_restarts_side_by_side_and_gives_up_a_server_that_cannot_come_back(tmp_path):
+    healthy, broken = _HttpService(tmp_path), _HttpService(tmp_path)
+    for service in (healthy, broken):
+        service.start()
+        service.wait_healthy()
+    deaths, back = [], []
+    supervisor = ServerSupervisor([healthy, broken], interval_s=0.2, on_death=lambda s: deaths.append(s.url),
+                                  on_restarted=lambda s: back.append(s.url), max_failures=2)
+    try:
+        with supervisor:
+            broken.broken = True
+            first_pids = (healthy.pid, broken.pid)
+            for pid in first_pids:
+                os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while (supervisor.restarts[healthy.url] < 1 or broken.url not in supervisor.given_up) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert supervisor.restarts == {healthy.url: 1, broken.url: 0}
+        assert sorted(deaths) == sorted([healthy.url, broken.url])  # each death reported once, before its restart
+        assert back == [healthy.url] and healthy.pid not in first_pids and healthy.is_alive()
+        assert "2 restarts in a row failed" in supervisor.given_up[broken.url]
+        assert "cannot start" in supervisor.given_up[broken.url]  # the log tail says why
+        assert not supervisor.restarting and supervisor.dead() == []
+    finally:
+        healthy.stop()
+        broken.stop()

@@ -174,6 +174,77 @@ def test_a_killed_launcher_leaves_no_process_of_its_run(uninterrupted, tmp_path)
     print(f"every process of the run was gone {time.monotonic() - killed_at:.1f} s after the launcher's death")
 
 
+def test_a_run_outlives_its_servers(uninterrupted, tmp_path):
+    """Two servers behind the router. One is SIGKILLed mid-run, and once steps have completed without it, the
+    other (no engine left): every step completes with every sample, the weight version advances by one a step,
+    both servers are restarted (side by side), get the current weights (the equality check passes on every
+    serving engine after every step) and serve again within the run."""
+    out = tmp_path / "outlives"
+    base_model = os.path.join(uninterrupted, "base_model")  # built once, by the uninterrupted run
+    steps = 12
+    process = alp_train(out, f"model.hf_path={base_model}", "rollout.mode=disaggregated", "rollout.servers=2",
+                        "rollout.router=true", "weight_sync.verify_every=1", steps=steps, wait=False)
+    metrics = os.path.join(out, "metrics.jsonl")
+
+    def records():
+        return read_metrics(metrics) if os.path.exists(metrics) else []
+
+    def servers():  # each server's leader: its process group is its own
+        return sorted(pid for pid in descendants(process.pid)
+                      if "sglang.launch_server" in _cmdline(pid) and _group(pid) == pid)
+
+    _wait_until(lambda: len(records()) >= 1, process, out, "a first step")
+    first, second = servers()
+    os.killpg(first, signal.SIGKILL)
+    _wait_until(lambda: sum(r["servers_in_service"] == 1 for r in records()) >= 2, process, out,
+                "two steps without the first server")  # the second one rolled out wholly without it
+    os.killpg(second, signal.SIGKILL)
+    assert process.wait(timeout=900) == 0, open(str(out) + ".log").read()[-4000:]
+    done = records()
+    assert [r["step"] for r in done] == list(range(steps))
+    assert [r["weight_version"] for r in done] == list(range(1, steps + 1))
+    assert all(r["samples"] == 32 and r["verify_max_weight_diff"] == 0.0 for r in done)
+    # synchronous: every token was sampled by the weights about to be trained, on a restarted server too
+    assert all(r["staleness_max"] == 0 for r in done)
+    assert done[-1]["server_restarts"] == 2 and done[-1]["servers_in_service"] == 2
+    log = open(str(out) + ".log").read()
+    assert log.count("is back in service with the current weights") == 2
+
+
+def _group(pid: int):
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def asynchronous(uninterrupted, tmp_path_factory):
+    """Rollouts two batches ahead of training, weight updates landing mid-rollout, samples saved."""
+    out = tmp_path_factory.mktemp("runs") / "asynchronous"
+    alp_train(out, f"model.hf_path={os.path.join(uninterrupted, 'base_model')}", "rollout.mode=disaggregated",
+              "rollout.max_staleness=2", "metrics.save_rollouts=true", steps=4)
+    return out
+
+
+def test_asynchronous_training_keeps_every_trained_token_within_the_staleness_bound(asynchronous):
+    """Asserted from each trained token's weight version: none is more than 2 versions older than the policy
+    that trains on it; samples continued across an update carry two or more versions; the metrics agree."""
+    records = read_metrics(os.path.join(asynchronous, "metrics.jsonl"))
+    ages, partial = [], 0
+    for step, record in enumerate(records):
+        assert record["weight_version"] == step + 1 and record["samples"] == 32
+        for sample in _saved_samples(asynchronous, step):
+            versions = {span["version"] for span in sample["weight_versions"]}
+            partial += len(versions) > 1
+            for span in sample["weight_versions"]:
+                ages += [step - int(span["version"][1:])] * sum(sample["loss_mask"][span["start"]:span["end"]])
+    assert max(ages) <= 2 and max(ages) >= 1 and min(ages) >= 0  # the bound holds, and it is really asynchronous
+    assert partial > 0 and any(r["partial_share"] > 0 for r in records)
+    assert all(r["staleness_max"] <= 2 and r["stale_groups_dropped"] == 0 for r in records)
+    assert records[0]["rollouts_ahead"] == 2
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
