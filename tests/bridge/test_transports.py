@@ -95,19 +95,8 @@ def max_logprob_diff(url: str, reference: HFReference) -> float:
 
 
 # -------------------------------------------------------------------------------------------------
-# Fixtures: one served model (seed 0) and three "trainer" models with other weights.
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("transport-models")
-    return {seed: tiny_model(root / f"seed{seed}", seed=seed) for seed in (0, 1, 2, 3)}
-
-
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    with launch_server(models[0], log_dir=str(tmp_path_factory.mktemp("logs"))) as server:
-        yield server
+# Fixtures: the served model (seed 0) and three "trainer" models with other weights are the package's
+# (tests/bridge/conftest.py), shared with test_verify.py.
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from alp_megatron.bridge.verify import (
 from alp_megatron.bridge.weight_sync import EngineSpec, WeightSync, WeightSyncConfig
 from alp_megatron.rollout.engine_control import EngineControl
 from tests.bridge.test_transports import PROMPTS, HFReference, buckets_of, load_tensors
-from tests.sglang_fixtures import launch_server, tiny_model
 
 CORRUPTED = "model.layers.1.self_attn.o_proj.weight"
 
@@ -63,18 +62,6 @@ def test_compare_reports_the_worst_element_and_accepts_a_vocab_shard():
 
 # -------------------------------------------------------------------------------------------------
 # Against the server
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify-models")
-    return {seed: tiny_model(root / f"seed{seed}", seed=seed) for seed in (0, 1)}
-
-
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    with launch_server(models[0], log_dir=str(tmp_path_factory.mktemp("logs"))) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
