@@ -7,7 +7,7 @@ VENV ?= .venv
 VENV312 ?= .venv312
 PY := $(VENV)/bin/python
 
-.PHONY: venv environments demo test test-main test-megatron-019 clean
+.PHONY: venv environments demo test test-main test-loop test-megatron-019 test-megatron-019-then-loop clean
 
 $(VENV)/.installed: setup.py launch/sglang-cpu-requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,18 +26,29 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m alp_megatron.demo
 
-# The environments are built once, before either leg; then the two legs run side by side (each keeps
-# about 1.4 of 2 cores busy: gloo ranks wait on each other and on servers), their output kept apart.
+# The environments are built once; then two lanes run side by side (a leg keeps about 1.4 of 2 cores busy:
+# gloo ranks wait on each other and on servers), their output kept apart. Lane 1: every test of the main
+# environment but the loop's end-to-end runs. Lane 2: the megatron-core 0.19.x leg, then those runs (the
+# longest tests), so that the two lanes end together rather than one running alone at the end.
 test:
 	$(MAKE) environments
-	$(MAKE) -j2 -Otarget test-main test-megatron-019
+	$(MAKE) -j2 -Otarget test-main test-megatron-019-then-loop
+
+# A failure in either keeps the other from being skipped; the lane fails if either did.
+test-megatron-019-then-loop:
+	@status=0; $(MAKE) test-megatron-019 || status=$$?; $(MAKE) test-loop || status=$$?; exit $$status
 
 # Both environments at once: each is a mostly single-threaded pip, so side by side they take the time of one.
 environments:
 	$(MAKE) -j2 -Otarget $(VENV)/.installed $(if $(PYTHON312),$(VENV312)/.installed)
 
+LOOP_TESTS = tests/run/test_rl_loop.py
+
 test-main: venv
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 --ignore=$(LOOP_TESTS)
+
+test-loop: venv
+	$(PY) -m pytest -q --durations=15 $(LOOP_TESTS)
 
 # The Megatron tests again on the newest supported megatron-core (0.19.x needs Python >= 3.12, and
 # PyPI has only a CUDA torch build for it, which runs on CPU); not those that need SGLang (absent there) or

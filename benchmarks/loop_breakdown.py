@@ -93,7 +93,7 @@ def regimes(args) -> None:
     for name, records in results.items():
         rate = sum(r["samples"] for r in records) / sum(r["time_step"] for r in records)
         print(f"{name:<12} {median(records, 'time_step'):>7.2f} {rate / sync_rate:>17.3f} "
-              f"{100 * median(records, 'trainer_idle_share'):>14.1f} {100 * median(records, 'rollout_idle_share'):>14.1f} "
+              f"{100 * median(records, 'time_trainer_idle_share'):>14.1f} {100 * median(records, 'time_rollout_idle_share'):>14.1f} "
               f"{mean(records, 'mismatch_k3'):>9.2e} {mean(records, 'train_rollout_logprob_abs_diff'):>9.2e} "
               f"{mean(records, 'staleness_token_mean'):>15.2f} {100 * mean(records, 'partial_share'):>9.1f}")
     print(f"(medians and means of {args.steps - 1} steps; CPU, 2 trainer ranks at TP=2, 1 SGLang server in bfloat16)")

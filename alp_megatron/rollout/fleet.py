@@ -1,6 +1,14 @@
 """The rollout side of a run, held by global rank 0: SGLang servers (launched here or given by URL), the
 optional router, the sampler, and a background event loop so a rollout can run while the trainer trains.
 
+Servers launched here that die are brought back (``rollout.restart_dead_servers``): a
+:class:`~alp_megatron.rollout.server.ServerSupervisor` sees the death, the server leaves the client and the
+router at once (its requests go to the others, or wait while none is left), and is restarted; restarted, it is
+*stale* until the run has pushed the current weights into it (:attr:`RolloutEngines.on_stale`, called from
+:meth:`RolloutEngines.tend` while the run waits for a rollout, or the step's own update), and only then rejoins
+the router and the client. At 64 servers this is one thread per restart and a few set operations; the weights
+reach a restarted server by the same transport as every update.
+
 Nothing here imports Megatron; the loop hands the samples to the trainer.
 """
 
@@ -107,6 +115,7 @@ class RolloutEngines:
             self.controls = [EngineControl(url, api_key=rollout_config.api_key) for url in self.worker_urls]
             self._busy_lock, self._rollouts_running, self._busy_since, self._busy_seconds = threading.Lock(), 0, 0.0, 0.0
             self._stale: set[str] = set()  # restarted servers that do not hold the current weights yet
+            self._last_targets: list[str] = list(self.worker_urls)  # of the last weight update
             self.on_stale: Optional[Callable[[list[str]], None]] = None  # the run pushes the current weights
             self.supervisor: Optional[ServerSupervisor] = None
             if self.servers and rollout_config.restart_dead_servers:
@@ -174,7 +183,7 @@ class RolloutEngines:
         return [control for control in self.controls if control.url in targets]
 
     # ---------------------------------------------------------------------------------------------
-    # servers that die (launched ones: the supervisor restarts them; see the module docstring)
+    # servers that die (launched ones: the supervisor restarts them, see the module docstring)
 
     def _take_out_of_service(self, server) -> None:
         """A server died: no request goes to it (client, router) until it is back with the current weights."""
@@ -207,7 +216,7 @@ class RolloutEngines:
 
     def after_sync(self) -> None:
         """After a weight update to :meth:`sync_targets`: the restarted engines among them serve again."""
-        self.return_to_service([url for url in getattr(self, "_last_targets", ()) if url in self._stale])
+        self.return_to_service([url for url in self._last_targets if url in self._stale])
 
     def fleet_metrics(self) -> dict:
         """``server_restarts`` (so far, all servers) and ``servers_in_service`` (now)."""

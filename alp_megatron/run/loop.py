@@ -124,7 +124,8 @@ def _idle_shares(state: RunState, metrics: dict, busy_before: float) -> dict:
     """The step's shares of time the trainer waited for a rollout and the engines had no rollout to run."""
     step = metrics["time_step"]
     busy = state.engines.busy_seconds() - busy_before
-    return {"trainer_idle_share": metrics["time_rollout"] / step, "rollout_idle_share": max(0.0, 1 - busy / step)}
+    return {"time_trainer_idle_share": metrics["time_rollout"] / step,
+            "time_rollout_idle_share": max(0.0, 1 - busy / step)}
 
 
 def _save(state: RunState, step: int) -> None:

@@ -234,3 +234,42 @@ def test_the_supervisor_restarts_side_by_side_and_gives_up_a_server_that_cannot_
     finally:
         healthy.stop()
         broken.stop()
+
+
+def test_an_update_to_an_engine_that_died_mid_update_is_retried_on_its_replacement(second_server, model_dirs):
+    """The run's weight update (TrainerWeightSync, here on a one-rank gloo group): the engine is SIGKILLed after
+    the first bucket went out; before the retry the supervisor restarts it (what the fleet's recover_now does),
+    and the retry loads every bucket into the replacement, which then serves exactly the new weights."""
+    import torch.distributed as dist
+
+    from alp_megatron.bridge.export import bucketed
+    from alp_megatron.bridge.weight_update import TrainerWeightSync
+    from alp_megatron.config import WeightSyncSection
+    from tests.bridge.test_transports import HFReference, load_tensors, max_logprob_diff
+
+    tensors = load_tensors(model_dirs["v1"])
+    killed = []
+
+    class Exporter:  # the policy's side of an update: buckets of HF-named tensors, a fresh stream per attempt
+        def hf_buckets(self, bucket_bytes):
+            for index, bucket in enumerate(bucketed(tensors.items(), bucket_bytes)):
+                yield bucket
+                if index == 0 and not killed:  # the first attempt: the engine dies with one bucket loaded
+                    killed.append(second_server.pid)
+                    os.killpg(second_server.pid, signal.SIGKILL)
+                    time.sleep(0.5)
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+    try:
+        sync = TrainerWeightSync(WeightSyncSection(bucket_bytes=2**16, retries=1), [second_server.url], [1])
+        supervisor = ServerSupervisor([second_server])
+        try:
+            metrics = sync.update(Exporter(), "v-after-death", before_retry=supervisor.check_once)
+        finally:
+            sync.close()
+    finally:
+        dist.destroy_process_group()
+    assert killed and metrics["sync_attempts"] == 2.0 and supervisor.restarts[second_server.url] == 1
+    assert second_server.pid != killed[0] and not group_running(killed[0])
+    assert EngineControl(second_server.url).weight_version() == "v-after-death"
+    assert max_logprob_diff(second_server.url, HFReference(model_dirs["v1"])) <= 1e-4
