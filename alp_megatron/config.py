@@ -190,6 +190,11 @@ class RolloutSection:
             if self.mode == "colocated":
                 raise ConfigError("rollout.max_staleness", "needs rollout.mode=disaggregated",
                                   "colocated SGLang and Megatron share GPUs and take turns; set mode=disaggregated")
+            if self.dynamic_sampling is not None:  # its abort of the leftovers ends every request on the engines
+                raise ConfigError("rollout.dynamic_sampling", "is not built for asynchronous training: once a batch "
+                                  "is full it aborts what still generates, which would end the batches running "
+                                  "ahead too", "use rollout.one_step_off with dynamic sampling, or "
+                                  "rollout.max_staleness without it")
         if self.partial_rollouts not in PARTIAL_ROLLOUTS:
             raise ConfigError("rollout.partial_rollouts", f"{self.partial_rollouts!r} is not a choice",
                               f"use one of {PARTIAL_ROLLOUTS}")

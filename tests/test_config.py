@@ -125,6 +125,8 @@ def test_fp8_settings_reach_the_run_config():
     (("rollout.mode=disaggregated", "rollout.max_staleness=2", "rollout.one_step_off=true"),
      "rollout.one_step_off", "choose one"),
     (("rollout.partial_rollouts=resume",), "rollout.partial_rollouts", "('continue', 'restart')"),
+    (("rollout.mode=disaggregated", "rollout.max_staleness=1", "rollout.dynamic_sampling.max_gen_batches=2"),
+     "rollout.dynamic_sampling", "one_step_off with dynamic sampling"),
     (("rollout.mode=disaggregated", "rollout.max_staleness=1", "rollout.partial_rollouts=restart"),
      "weight_sync.pause_mode", "pause_mode=abort"),
 ])
