@@ -60,12 +60,13 @@ def test_a_batch_with_flat_groups_is_refilled_and_the_leftovers_are_aborted(engi
     assert len(batch.complete_groups()) == 4 and len(batch.samples) == 4 * N
     assert all(s.prompt.label == "spread" and s.is_complete and len(s.response_ids) == 48 for s in batch.samples)
     assert batches.position.index == 0 and batches.position.epoch == 1  # two batches drawn, no more
-    # the refill's three unused groups: what still generated when the batch filled was aborted on the engine
-    # (two groups run at a time, 48 tokens each: the last cannot have finished), none of it was returned
-    refill = rollout._futures[1].result().groups()
+    # the three unused groups (of either batch: the two run side by side): what still generated when the batch
+    # filled was aborted on the engine (two groups of a batch run at a time, 48 tokens each: the last cannot have
+    # finished), and none of it was returned
+    groups = {**rollout._futures[0].result().groups(), **rollout._futures[1].result().groups()}
     returned = {s.group_id for s in batch.samples}
-    unused = [group for group_id, group in refill.items() if group_id not in returned]
-    assert len(unused) == 3 and any(s.aborted for group in unused for s in group)
+    unused = [group for group_id, group in groups.items() if group_id not in returned and group_id != 0]  # 0: flat
+    assert len(groups) == 8 and len(unused) == 3 and any(s.aborted for group in unused for s in group)
     assert all(not s.aborted for s in batch.samples)
     # the engine is free again: a plain rollout right after runs every group to the end
     plain = engines.submit([prompt(0, "spread")], [10**6]).result(timeout=120)
