@@ -220,10 +220,13 @@ def _group(pid: int):
 
 @pytest.fixture(scope="module")
 def asynchronous(uninterrupted, tmp_path_factory):
-    """Rollouts two batches ahead of training, weight updates landing mid-rollout, samples saved."""
+    """Rollouts two batches ahead of training, weight updates landing mid-rollout, samples saved. Responses of
+    20 tokens, one request at a time: a batch takes longer to generate than a step to train, so the engine is
+    busy at every update (with 5-token responses it can finish every batch ahead before the first update)."""
     out = tmp_path_factory.mktemp("runs") / "asynchronous"
     alp_train(out, f"model.hf_path={os.path.join(uninterrupted, 'base_model')}", "rollout.mode=disaggregated",
-              "rollout.max_staleness=2", "metrics.save_rollouts=true", steps=4)
+              "rollout.max_staleness=2", "rollout.sampling.max_new_tokens=20", "rollout.sampling.ignore_eos=true",
+              "metrics.save_rollouts=true", steps=4)
     return out
 
 
