@@ -86,6 +86,8 @@ class RunState:
         return worst
 
     def close(self) -> None:
+        if self.engines is not None:  # the other ranks no longer stand by to push weights into a restarted engine
+            self.engines.on_stale = None
         if self.schedule is not None:
             self.schedule.close()
         self.weight_sync.close()
