@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -18,9 +17,12 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be taken by
+    any process's outgoing connection in the seconds before the spawned rank 0 binds it (seen as EADDRINUSE
+    with the other lane of ``make test`` running beside)."""
+    from alp_megatron.rollout.process import free_port as free_port_below_ephemeral
+
+    return free_port_below_ephemeral("127.0.0.1")
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
@@ -65,6 +67,17 @@ def _status(out_dir: str, rank: int):
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 600):
+    """``fn(*args)`` on ``world_size`` spawned gloo ranks; their results in rank order. A rendezvous whose port
+    was taken before rank 0 bound it (nothing ran yet) is tried again on another port, twice at most."""
+    for attempt in range(3):
+        try:
+            return _run_ranks_once(world_size, fn, args, timeout)
+        except RuntimeError as error:
+            if "EADDRINUSE" not in str(error) or attempt == 2:
+                raise
+
+
+def _run_ranks_once(world_size: int, fn, args, timeout: float):
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(
             _rank_main, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
