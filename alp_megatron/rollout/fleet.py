@@ -179,8 +179,8 @@ class RolloutEngines:
             control.resume_memory_occupation()
 
     def _live_controls(self) -> list[EngineControl]:
-        targets = set(self.sync_targets())  # not a server that is dead or restarting
-        return [control for control in self.controls if control.url in targets]
+        up = set(self._up_urls())  # not a server that is dead or restarting
+        return [control for control in self.controls if control.url in up]
 
     # ---------------------------------------------------------------------------------------------
     # servers that die (launched ones: the supervisor restarts them, see the module docstring)
@@ -204,14 +204,17 @@ class RolloutEngines:
         """Restarted servers, healthy, that must get the current weights before they serve."""
         return sorted(self._stale)
 
-    def sync_targets(self) -> list[str]:
-        """The engines a weight update goes to: all but the dead and the restarting (remembered for
-        :meth:`after_sync`)."""
+    def _up_urls(self) -> list[str]:
+        """Every engine but the dead, the restarting and the given up."""
         if self.supervisor is None:
             return list(self.worker_urls)
         out = {server.url for server in self.supervisor.dead()} | set(self.supervisor.restarting) \
             | set(self.supervisor.given_up)
-        self._last_targets = [url for url in self.worker_urls if url not in out]
+        return [url for url in self.worker_urls if url not in out]
+
+    def sync_targets(self) -> list[str]:
+        """The engines a weight update goes to (:meth:`_up_urls`), remembered for :meth:`after_sync`."""
+        self._last_targets = self._up_urls()
         return list(self._last_targets)
 
     def after_sync(self) -> None:
@@ -226,8 +229,8 @@ class RolloutEngines:
                 "servers_in_service": float(len(self.serving_controls()))}
 
     def serving_controls(self) -> list[EngineControl]:
-        targets = set(self.sync_targets()) - self._stale
-        return [control for control in self.controls if control.url in targets]
+        serving = set(self._up_urls()) - self._stale
+        return [control for control in self.controls if control.url in serving]
 
     def return_to_service(self, urls) -> None:
         """Engines that now hold the current weights take requests again (router first, then the client)."""
@@ -267,7 +270,7 @@ class RolloutEngines:
 
     def wait_for_a_server(self) -> None:
         """Return once some engine is up (serving, or restarted and waiting for weights); raise when none can be."""
-        while self.supervisor is not None and not self.sync_targets():
+        while self.supervisor is not None and not self._up_urls():
             self.recover_now()
             self.tend()
 
