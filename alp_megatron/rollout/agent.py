@@ -11,7 +11,8 @@ exactly the tokens the engine sampled.
 
 A turn is one or more generation steps: a step that stopped inside a call (at a code block's opening fence)
 goes on in the next step. A trajectory ends when a turn gives the answer (``complete``), is void (neither a
-call nor an answer: ``void``), ends with EOS, or when ``max_turns`` turns have run or the tokens run out
+call nor an answer: ``void``), ends with EOS (unless ``sampling.ignore_eos``: the engine does not stop at EOS
+then, and may return a stop string followed by EOS), or when ``max_turns`` turns have run or the tokens run out
 (``truncated``); it never ends on tool tokens (an observation that does not fit, with one more model token
 after it, ends the trajectory before it). Void trajectories are masked from the policy loss (``mask_void``; they
 still count in their group's advantage), truncated ones optionally (``mask_truncated``).
@@ -151,7 +152,8 @@ class Agent:
                 return _finish(replace(sample, aborted=True, finish_reason="abort"), "aborted", stats, config)
             text = self.tokenizer.decode(sample.response_ids[turn_start:])
             action = self.format.action(text)
-            ended_by_eos = sample.response_ids[-1:] and sample.response_ids[-1] in self.eos
+            ended_by_eos = (not sampling.ignore_eos and sample.response_ids[-1:]
+                            and sample.response_ids[-1] in self.eos)
             if action.kind == "answer":
                 ending = "complete"
                 break
