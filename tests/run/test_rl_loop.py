@@ -218,34 +218,64 @@ def _group(pid: int):
         return None
 
 
+# Rollouts two batches ahead of training, weight updates landing mid-rollout, samples saved. Responses of 20
+# tokens, one request at a time: a batch takes longer to generate than a step to train, so the engine is busy at
+# every update (with 5-token responses it can finish every batch ahead before the first update).
+ASYNCHRONOUS = ("rollout.mode=disaggregated", "rollout.max_staleness=2", "rollout.sampling.max_new_tokens=20",
+                "rollout.sampling.ignore_eos=true", "metrics.save_rollouts=true")
+
+
 @pytest.fixture(scope="module")
 def asynchronous(uninterrupted, tmp_path_factory):
-    """Rollouts two batches ahead of training, weight updates landing mid-rollout, samples saved. Responses of
-    20 tokens, one request at a time: a batch takes longer to generate than a step to train, so the engine is
-    busy at every update (with 5-token responses it can finish every batch ahead before the first update)."""
     out = tmp_path_factory.mktemp("runs") / "asynchronous"
-    alp_train(out, f"model.hf_path={os.path.join(uninterrupted, 'base_model')}", "rollout.mode=disaggregated",
-              "rollout.max_staleness=2", "rollout.sampling.max_new_tokens=20", "rollout.sampling.ignore_eos=true",
-              "metrics.save_rollouts=true", steps=4)
+    alp_train(out, f"model.hf_path={os.path.join(uninterrupted, 'base_model')}", *ASYNCHRONOUS, steps=4)
     return out
+
+
+def _trained_token_ages(run_dir, records) -> tuple[list[int], int]:
+    """For every trained token, how many versions its weights are older than the policy that trains on it;
+    and how many samples carry two or more versions. Asserts every step trained a full batch."""
+    ages, partial = [], 0
+    for step, record in enumerate(records):
+        assert record["weight_version"] == step + 1 and record["samples"] == 32
+        for sample in _saved_samples(run_dir, step):
+            versions = {span["version"] for span in sample["weight_versions"]}
+            partial += len(versions) > 1
+            for span in sample["weight_versions"]:
+                ages += [step - int(span["version"][1:])] * sum(sample["loss_mask"][span["start"]:span["end"]])
+    return ages, partial
 
 
 def test_asynchronous_training_keeps_every_trained_token_within_the_staleness_bound(asynchronous):
     """Asserted from each trained token's weight version: none is more than 2 versions older than the policy
     that trains on it; samples continued across an update carry two or more versions; the metrics agree."""
     records = read_metrics(os.path.join(asynchronous, "metrics.jsonl"))
-    ages, partial = [], 0
-    for step, record in enumerate(records):
-        assert record["weight_version"] == step + 1 and record["samples"] == 32
-        for sample in _saved_samples(asynchronous, step):
-            versions = {span["version"] for span in sample["weight_versions"]}
-            partial += len(versions) > 1
-            for span in sample["weight_versions"]:
-                ages += [step - int(span["version"][1:])] * sum(sample["loss_mask"][span["start"]:span["end"]])
+    ages, partial = _trained_token_ages(asynchronous, records)
     assert max(ages) <= 2 and max(ages) >= 1 and min(ages) >= 0  # the bound holds, and it is really asynchronous
     assert partial > 0 and any(r["partial_share"] > 0 for r in records)
     assert all(r["staleness_max"] <= 2 and r["stale_groups_dropped"] == 0 for r in records)
     assert records[0]["rollouts_ahead"] == 2
+
+
+def test_a_resumed_asynchronous_run_keeps_the_bound_and_trains_every_prompt(uninterrupted, asynchronous, tmp_path):
+    """Stopped after step 2 with two batches generating ahead, then resumed: the resumed run trains steps 2 and
+    3 on the very prompts (by group id) the uninterrupted run trained there (the batches ahead were not in the
+    checkpoint, so their prompts are drawn again: none lost, none twice), each a full batch within the bound."""
+    out = tmp_path / "resumed"
+    settings = (f"model.hf_path={os.path.join(uninterrupted, 'base_model')}", *ASYNCHRONOUS, "checkpoint.save_every=2")
+    alp_train(out, *settings, steps=2)
+    alp_train(out, *settings, steps=4, resume=True)
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["run_start_step"] for r in records] == [0, 0, 2, 2]
+    ages, _ = _trained_token_ages(out, records)
+    assert max(ages) <= 2 and min(ages) >= 0
+    assert all(r["stale_groups_dropped"] == 0 for r in records)
+
+    def prompts(run_dir, step):
+        return {sample["group_id"]: sample["prompt_ids"] for sample in _saved_samples(run_dir, step)}
+
+    for step in range(4):
+        assert prompts(out, step) == prompts(asynchronous, step), step
 
 
 def _cmdline(pid: int) -> str:
