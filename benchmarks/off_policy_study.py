@@ -1,11 +1,13 @@
-"""The paper's off-policy claims, reproduced on the embedded toy task: every method and ALP ablation, several
-seeds, the real loop (SGLang on CPU, Megatron, the bridge), under a lower-precision rollout engine and stale
-mini-batches. Writes the runs, a table, the claims checked, and plots into the output directory.
+"""The paper's off-policy claims, tested in the regimes where off-policyness is real: every method and ALP
+ablation, several seeds, the real loop (SGLang on CPU, Megatron, the bridge), regime by regime (a bf16 engine,
+FP8-rounded engine weights, bounded-staleness asynchronous rollouts, MoE routes replayed or not, multi-turn
+tools). Each regime is gated on the mismatch it really produced (and pushed harder where it fell short). Writes
+the runs, a table per regime, the claims checked with a verdict per claim, and plots into the output directory.
 
     python benchmarks/off_policy_study.py                       # the default study (benchmarks/off_policy_study.yaml)
-    python benchmarks/off_policy_study.py --quick --output-dir /tmp/study    # 1 seed x 3 methods, a few minutes
+    python benchmarks/off_policy_study.py --quick --output-dir /tmp/study    # 2 regimes x 2 methods, minutes
     python benchmarks/off_policy_study.py --analyze-only        # tables and plots again from the kept runs
-    python benchmarks/off_policy_study.py steps=40 off_policy.engine_temperature=1.1   # overrides
+    python benchmarks/off_policy_study.py steps=40 regimes.bf16.engine_temperature=1.1   # overrides
 
 An interrupted study continues where it stopped (complete runs are kept).
 """
@@ -29,17 +31,15 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="study YAML (default: %(default)s)")
     parser.add_argument("--output-dir", help=f"runs, table and plots (default: {DEFAULT_OUTPUT}, or "
                                              f"{DEFAULT_OUTPUT}_quick with --quick)")
-    parser.add_argument("--quick", action="store_true", help="the quick setting: one seed, three methods")
+    parser.add_argument("--quick", action="store_true", help="the quick setting: two regimes, two methods, one seed")
     parser.add_argument("--analyze-only", action="store_true", help="no runs: analyse the kept ones")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="study config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from alp_megatron.errors import AlpError
-    from alp_megatron.study import analysis
     from alp_megatron.study.plan import load_study_config
     from alp_megatron.study.runner import run_study
-    from alp_megatron.run.metrics import read_metrics
 
     try:
         study = load_study_config(args.config, tuple(args.overrides))
@@ -50,43 +50,76 @@ def main(argv=None) -> int:
         return 2
     out = os.path.abspath(args.output_dir or (DEFAULT_OUTPUT + ("_quick" if args.quick else "")))
     os.makedirs(out, exist_ok=True)
-    os.chdir(REPO)  # the study's run_config path is relative to the repository
+    os.chdir(REPO)  # the study's run_config paths are relative to the repository
     try:
-        if args.analyze_only:
-            from alp_megatron.study.runner import planned_runs
+        from alp_megatron.study.runner import planned_runs
 
-            runs = planned_runs(study, out)
-        else:
-            runs = run_study(study, out)
+        runs = planned_runs(study, out) if args.analyze_only else run_study(study, out)
     except AlpError as error:
         print(f"off_policy_study: {error}", file=sys.stderr)
         return 1
-
-    from alp_megatron.study.runner import is_complete
-
-    by_configuration: dict[str, list[list[dict]]] = {}
-    for spec, run_dir in runs:  # complete runs of this very study only (same overrides, every step)
-        if is_complete(run_dir, study.steps, spec):
-            records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))[: study.steps]
-            by_configuration.setdefault(spec.configuration, []).append(records)
-    results = analysis.results_by_configuration(by_configuration, study)
-    table = analysis.markdown_table(results, study)
-    found = analysis.claims(results)
-    plots = analysis.plot_all(by_configuration, out)
-    knobs = (f"off-policyness: engine {study.off_policy.engine_dtype} vs trainer float32, engine temperature "
-             f"{study.off_policy.engine_temperature or 'as trainer (1.0)'}, {study.off_policy.num_mini_batches} "
-             f"mini-batches per rollout batch; {study.steps} steps, seeds {list(study.seeds)}")
-    with open(os.path.join(out, "results.md"), "w") as handle:
-        handle.write(f"# Off-policy study\n\n{knobs}\n\n{table}\n\n## Claims at this scale\n\n"
-                     f"{analysis.claims_markdown(found)}\n\nPlots: {', '.join(os.path.basename(p) for p in plots)}\n")
-    with open(os.path.join(out, "results.json"), "w") as handle:
-        json.dump({"study": asdict(study), "results": [asdict(r) for r in results],
-                   "claims": [{"claim": c, "holds": h, "evidence": e} for c, h, e in found]}, handle, indent=1)
-    print(knobs)
-    print(table)
-    print(analysis.claims_markdown(found))
-    print(f"results: {out}/results.md; plots: {', '.join(plots)}")
+    report = write_report(study, runs, out)
+    print(report)
+    print(f"results: {out}/results.md, {out}/results.json; plots in {out}/plots")
     return 0
+
+
+def write_report(study, runs: dict, out: str) -> str:
+    """``results.md`` and ``results.json`` from the complete runs of ``runs`` (``{regime: [(spec, run_dir)]}``),
+    plots under ``plots/<regime>/``; returns the Markdown."""
+    from alp_megatron.run.metrics import read_metrics
+    from alp_megatron.study import analysis
+    from alp_megatron.study.runner import RegimeState, is_complete, regime_directory
+
+    gate = study.gate
+    summary = ["| regime | what | level (overrides added) | bypass k3 (mean) | bypass seq ratio P98 (max) | "
+               "tests the claims |", "|---|---|---|---|---|---|"]
+    sections, regimes_json = [], []
+    for regime, regime_runs in runs.items():
+        settings = study.regimes[regime]
+        state = RegimeState.read(regime_directory(out, regime))
+        by_configuration: dict[str, list[list[dict]]] = {}
+        for spec, run_dir in regime_runs:  # complete runs of this very study only (same overrides, every step)
+            if is_complete(run_dir, study.steps, spec):
+                records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))[: study.steps]
+                by_configuration.setdefault(spec.configuration, []).append(records)
+        results = analysis.results_by_configuration(by_configuration, study)
+        found = analysis.claims(results)
+        verdicts = analysis.verdicts(found, state.reached)
+        plots = []
+        if by_configuration:
+            os.makedirs(os.path.join(out, "plots", regime), exist_ok=True)
+            plots = analysis.plot_all(by_configuration, os.path.join(out, "plots", regime), regime)
+        probe = state.levels[state.level] if state.levels else None
+        added = ", ".join(settings.escalation[state.level - 1]) if state.level else "none"
+        tested = "not run" if probe is None else ("yes" if state.reached else "no: below the gate at every level")
+        summary.append(f"| {regime} | {settings.description or '-'} | {state.level} ({added}) | "
+                       + (f"{probe['mismatch_k3_mean']:.2e} | {probe['seq_ratio_p98_max']:.3f} | " if probe else "- | - | ")
+                       + f"{tested} |")
+        knobs = (f"engine {settings.engine_dtype}, engine temperature {settings.engine_temperature or 'as trainer'}, "
+                 f"{settings.num_mini_batches} mini-batches per rollout batch; run config "
+                 f"{settings.run_config or study.run_config}; overrides: {', '.join(settings.knob_overrides(state.level))}")
+        if not results:
+            sections.append(f"## Regime {regime}\n\n{settings.description}\n\n{knobs}\n\nNo finished run yet.\n")
+        else:
+            sections.append(f"## Regime {regime}\n\n{settings.description}\n\n{knobs}\n\n"
+                            f"{analysis.markdown_table(results, study)}\n\n### Verdicts\n\n"
+                            + "\n".join(f"- {line}" for line in verdicts)
+                            + f"\n\n### Claims\n\n{analysis.claims_markdown(found)}\n\n"
+                            f"Plots: {', '.join(os.path.relpath(p, out) for p in plots)}\n")
+        regimes_json.append({"regime": regime, "settings": asdict(settings), "level": state.level,
+                             "gate_reached": state.reached, "levels": state.levels,
+                             "results": [asdict(r) for r in results], "claims": [asdict(c) for c in found],
+                             "verdicts": verdicts})
+    head = (f"# Off-policy study\n\n{study.steps} steps per run, seeds {list(study.seeds)}. A regime tests the "
+            f"claims when {gate.probe}'s mean mismatch k3 reaches {gate.mismatch_k3:g} or its sequence-ratio P98 "
+            f"reaches {gate.seq_ratio_p98:g}.\n\n" + "\n".join(summary) + "\n")
+    report = "\n".join([head] + sections)
+    with open(os.path.join(out, "results.md"), "w") as handle:
+        handle.write(report)
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump({"study": asdict(study), "regimes": regimes_json}, handle, indent=1)
+    return report
 
 
 if __name__ == "__main__":

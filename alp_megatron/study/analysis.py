@@ -1,6 +1,6 @@
-"""An off-policy study's results: per-configuration numbers across seeds, a Markdown table, the paper's claims
-checked against them, and PNG plots (the P2-P98 envelope of the sequence ratio per configuration, reward
-curves, sigma per layer).
+"""An off-policy study's results, per regime: per-configuration numbers across seeds, a Markdown table, the
+paper's claims checked against them with a one-line verdict per claim, and PNG plots (the P2-P98 envelope of the
+sequence ratio per configuration, reward curves, sigma per layer).
 
 Every number is read from the runs' ``metrics.jsonl``. The sequence ratio compared across methods is
 ``train_infer_ratio_seq_*`` (trained numerator over the engine's logprobs, the quantity ALP.md §1 is about),
@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 from alp_megatron.study.plan import ABLATIONS, StudyConfig
 
 RATIO = "train_infer_ratio_seq_"
+# The methods ALP claims to keep the ratio tail and the KL below (no perturbation; corrections or none).
+BASELINES = ("bypass", "grpo", "tis", "seq_tis", "mis", "token_mis", "icepop")
 FINAL_STEPS = 5  # the final reward of a run is its mean over the last FINAL_STEPS steps
 
 
@@ -34,6 +36,7 @@ class ConfigurationResult:
     ratio_p2_min: float  # per run: the smallest per-step p2
     k3_mean: float  # per run: the mean mismatch_k3 over steps
     k3_spike_steps: float  # per run: steps whose mismatch_k3 exceeds the threshold
+    ratio_spike_steps: float  # per run: steps whose sequence ratio p99.9 (or 1 / p2) exceeds the threshold
     grad_spikes: float  # per run: steps whose largest gradient norm exceeds factor x the run's median
     sigma_end: Optional[float]  # mean sigma over layers at the last step (ALP configurations)
 
@@ -59,7 +62,9 @@ def _std(values: Sequence[float]) -> float:
 
 
 def configuration_result(configuration: str, runs: Sequence[list[dict]], study: StudyConfig) -> ConfigurationResult:
-    finals, p999s, maxima, p2s, k3_means, k3_spikes, grad_spikes, sigmas, firsts = ([] for _ in range(9))
+    finals, p999s, maxima, p2s, k3_means, k3_spikes, ratio_spikes, grad_spikes, sigmas, firsts = (
+        [] for _ in range(10))
+    spike = study.thresholds.seq_ratio_spike
     for records in runs:
         rewards = _values(records, "reward_mean")
         finals.append(_mean(rewards[-FINAL_STEPS:]))
@@ -70,6 +75,8 @@ def configuration_result(configuration: str, runs: Sequence[list[dict]], study: 
         k3 = _values(records, "mismatch_k3")
         k3_means.append(_mean(k3))
         k3_spikes.append(sum(1 for v in k3 if v > study.thresholds.mismatch_k3))
+        ratio_spikes.append(sum(1 for r in records if float(r.get(RATIO + "p999", 1.0)) > spike
+                                or float(r.get(RATIO + "p2", 1.0)) < 1.0 / spike))
         norms = _values(records, "grad_norm_max")
         median = statistics.median(norms) if norms else math.nan
         grad_spikes.append(sum(1 for v in norms if v > study.thresholds.grad_spike_factor * median))
@@ -79,7 +86,8 @@ def configuration_result(configuration: str, runs: Sequence[list[dict]], study: 
         configuration=configuration, seeds=len(runs), reward_final_mean=_mean(finals),
         reward_final_std=_std(finals), reward_first=_mean(firsts),
         ratio_p999=_mean(p999s), ratio_max=max(_finite(maxima), default=math.nan), ratio_p2_min=_mean(p2s),
-        k3_mean=_mean(k3_means), k3_spike_steps=_mean(k3_spikes), grad_spikes=_mean(grad_spikes),
+        k3_mean=_mean(k3_means), k3_spike_steps=_mean(k3_spikes), ratio_spike_steps=_mean(ratio_spikes),
+        grad_spikes=_mean(grad_spikes),
         sigma_end=_mean(sigmas) if sigmas else None,
     )
 
@@ -94,20 +102,41 @@ def markdown_table(results: Sequence[ConfigurationResult], study: StudyConfig) -
     lines = [
         "| configuration | seeds | reward step 1 | final reward (mean ± std) | seq ratio p99.9 | seq ratio max | "
         f"seq ratio p2 | mismatch k3 (mean) | steps k3 > {thresholds.mismatch_k3:g} | "
+        f"steps seq ratio outside 1/{thresholds.seq_ratio_spike:g}..{thresholds.seq_ratio_spike:g} | "
         f"grad-norm spikes (> {thresholds.grad_spike_factor:g}x median) | sigma at end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         sigma = "-" if r.sigma_end is None else f"{r.sigma_end:.4f}"
         lines.append(
             f"| {r.configuration} | {r.seeds} | {r.reward_first:.3f} | {r.reward_final_mean:.3f} ± "
             f"{r.reward_final_std:.3f} | {r.ratio_p999:.3f} | {r.ratio_max:.3f} | {r.ratio_p2_min:.3f} | "
-            f"{r.k3_mean:.2e} | {r.k3_spike_steps:.1f} | {r.grad_spikes:.1f} | {sigma} |")
+            f"{r.k3_mean:.2e} | {r.k3_spike_steps:.1f} | {r.ratio_spike_steps:.1f} | {r.grad_spikes:.1f} | {sigma} |")
     return "\n".join(lines)
 
 
-def claims(results: Sequence[ConfigurationResult]) -> list[tuple[str, Optional[bool], str]]:
-    """The paper's claims (ALP.md §1) checked on these numbers: ``[(claim, holds, evidence)]``.
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims (``kind``, a key of :data:`CLAIMS`) for ALP (``alp_seq``) against ``against``:
+    ``holds`` True, False, or None (not shown), with the numbers as ``evidence``."""
+
+    kind: str
+    against: str
+    holds: Optional[bool]
+    evidence: str
+
+    @property
+    def text(self) -> str:
+        return f"{CLAIMS[self.kind]} {self.against.replace('_', ' ') if self.kind == 'layers' else self.against}"
+
+
+CLAIMS = {"tail": "ALP's sequence-ratio tail (p99.9) stays below that of",
+          "kl": "ALP's train-inference KL (mismatch k3) stays below that of",
+          "learns": "ALP learns at least as well as", "layers": "perturbing all layers beats"}
+
+
+def claims(results: Sequence[ConfigurationResult]) -> list[Claim]:
+    """The paper's claims (ALP.md §1) checked on these numbers.
 
     ``holds`` is None ("n/a") when a number is missing, or, for claims about reward, when fewer than two
     seeds give no spread to judge by. "At least as well" holds when ALP's mean reward is no lower than the
@@ -120,24 +149,24 @@ def claims(results: Sequence[ConfigurationResult]) -> list[tuple[str, Optional[b
     if alp is None:
         return []
     found = []
-    baselines = [by_name[m] for m in ("bypass", "grpo", "tis", "mis") if m in by_name]
+    baselines = [by_name[m] for m in BASELINES if m in by_name]
     for other in baselines:
-        found.append((f"ALP's sequence-ratio tail (p99.9) stays below {other.configuration}'s",
-                      _lower(alp.ratio_p999, other.ratio_p999), f"{alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
+        found.append(Claim("tail", other.configuration, _lower(alp.ratio_p999, other.ratio_p999),
+                           f"{alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
     for other in baselines:
-        found.append((f"ALP's train-inference KL (mismatch k3) stays below {other.configuration}'s",
-                      _lower(alp.k3_mean, other.k3_mean), f"{alp.k3_mean:.2e} vs {other.k3_mean:.2e}"))
+        found.append(Claim("kl", other.configuration, _lower(alp.k3_mean, other.k3_mean),
+                           f"{alp.k3_mean:.2e} vs {other.k3_mean:.2e}"))
     for other in baselines + [by_name[m] for m in ("gspo", "alp_token") if m in by_name]:
         margin = _margin(alp, other)
         holds = None if math.isnan(margin) else alp.reward_final_mean >= other.reward_final_mean - margin
-        found.append((f"ALP learns at least as well as {other.configuration}", holds, _rewards(alp, other)))
+        found.append(Claim("learns", other.configuration, holds, _rewards(alp, other)))
     for name in ABLATIONS:
         if name in by_name:
             other, margin = by_name[name], _margin(alp, by_name[name])
             difference = alp.reward_final_mean - other.reward_final_mean
             holds = None if math.isnan(margin) or abs(difference) <= margin else difference > 0
-            found.append((f"perturbing all layers beats {name.replace('_', ' ')}", holds,
-                          f"{_rewards(alp, other)}; seq ratio p99.9 {alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
+            found.append(Claim("layers", name, holds,
+                               f"{_rewards(alp, other)}; seq ratio p99.9 {alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
     return found
 
 
@@ -157,11 +186,31 @@ def _rewards(a: ConfigurationResult, b: ConfigurationResult) -> str:
             f"{b.reward_final_mean:.3f} ± {b.reward_final_std:.3f}")
 
 
-def claims_markdown(found: Sequence[tuple[str, Optional[bool], str]]) -> str:
+def claims_markdown(found: Sequence[Claim]) -> str:
     verdict = {True: "yes", False: "no", None: "not shown (within the seed spread, or too few seeds)"}
     lines = ["| claim | holds here | evidence |", "|---|---|---|"]
-    lines += [f"| {claim} | {verdict[holds]} | {evidence} |" for claim, holds, evidence in found]
+    lines += [f"| {claim.text} | {verdict[claim.holds]} | {claim.evidence} |" for claim in found]
     return "\n".join(lines)
+
+
+def verdicts(found: Sequence[Claim], gate_reached: bool) -> list[str]:
+    """One line per kind of claim: against which configurations it held, failed, or was not shown; in a regime
+    whose mismatch stayed below the gate every claim is untested there, whatever the numbers say."""
+    lines = []
+    for kind, opening in CLAIMS.items():
+        outcomes: dict[Optional[bool], list[str]] = {True: [], False: [], None: []}
+        for claim in found:
+            if claim.kind == kind:
+                outcomes[claim.holds].append(claim.against)
+        if not any(outcomes.values()):
+            continue
+        if not gate_reached:
+            lines.append(f"{opening} the others: untested here (the regime's mismatch stayed below the gate)")
+            continue
+        parts = [f"{label} {', '.join(outcomes[key])}" for key, label in
+                 ((True, "holds against"), (False, "FAILS against"), (None, "not shown against")) if outcomes[key]]
+        lines.append(f"{opening} the others: " + "; ".join(parts))
+    return lines
 
 
 def _moving_average(values: list[float], window: int = 5) -> list[float]:
@@ -174,8 +223,9 @@ def _per_step(runs: Sequence[list[dict]], key: str) -> list[float]:
     return [_mean([float(records[i].get(key, math.nan)) for records in runs]) for i in range(steps)]
 
 
-def plot_all(runs: dict[str, list[list[dict]]], out_dir: str) -> list[str]:
-    """Write ``ratio_envelope.png``, ``reward.png`` and ``sigma.png`` into ``out_dir``; returns their paths."""
+def plot_all(runs: dict[str, list[list[dict]]], out_dir: str, regime: str = "") -> list[str]:
+    """Write ``ratio_envelope.png``, ``reward.png`` and ``sigma.png`` (of ``regime``'s runs) into ``out_dir``;
+    returns their paths."""
     import os
 
     import matplotlib
@@ -202,7 +252,7 @@ def plot_all(runs: dict[str, list[list[dict]]], out_dir: str) -> list[str]:
         ax.axis("off")
     axes[0][0].set_ylabel("pi_train / pi_infer (sequence)")
     axes[0][0].legend(fontsize="small")
-    figure.suptitle("sequence ratio envelope per configuration (mean over seeds)")
+    figure.suptitle(f"{regime}: sequence ratio envelope per configuration (mean over seeds)".lstrip(": "))
     figure.tight_layout()
     paths.append(os.path.join(out_dir, "ratio_envelope.png"))
     figure.savefig(paths[-1], dpi=90)
@@ -217,7 +267,8 @@ def plot_all(runs: dict[str, list[list[dict]]], out_dir: str) -> list[str]:
         x = list(range(1, steps + 1))
         ax.plot(x, mean, label=name)
         ax.fill_between(x, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.1)
-    ax.set(xlabel="step", ylabel="reward (5-step moving average, mean ± std over seeds)", title="reward")
+    ax.set(xlabel="step", ylabel="reward (5-step moving average, mean ± std over seeds)",
+           title=f"{regime}: reward".lstrip(": "))
     ax.legend(fontsize="small", ncol=2)
     figure.tight_layout()
     paths.append(os.path.join(out_dir, "reward.png"))
@@ -235,7 +286,7 @@ def plot_all(runs: dict[str, list[list[dict]]], out_dir: str) -> list[str]:
                         label=key.replace("sigma_", ""))
             ax.set(title=name, xlabel="step", ylabel="sigma")
             ax.legend(fontsize="x-small")
-        figure.suptitle("ALP sigma per layer (mean over seeds; layer L = the logits)")
+        figure.suptitle(f"{regime}: ALP sigma per layer (mean over seeds; layer L = the logits)".lstrip(": "))
         figure.tight_layout()
         paths.append(os.path.join(out_dir, "sigma.png"))
         figure.savefig(paths[-1], dpi=90)

@@ -1,34 +1,42 @@
-"""Runs an off-policy study: one warm-started tiny model per seed, one SGLang server for every run, and each
-run as its own ``alp-train`` process against that server.
+"""Runs an off-policy study, regime by regime: one warm-started tiny model per model shape and seed, one SGLang
+server per regime (in the regime's engine dtype, on the regime's model), each run its own ``alp-train``
+process against that server.
 
-The server serves in ``off_policy.engine_dtype`` (the controlled mismatch); each run pushes its starting
-weights into it before its first rollout (``rollout.server_urls``), so runs never see each other's weights.
-Runs go one after another (they share the machine and the server). A run whose ``metrics.jsonl`` already
-holds every step is kept, so an interrupted study continues where it stopped; a partial run is run again
-from its start.
+Each run pushes its starting weights into the server before its first rollout (``rollout.server_urls``), so
+runs never see each other's weights. Runs go one after another (they share the machine and the server). In a
+regime the gate's probe (bypass, first seed) runs first, at each escalation level until one reaches the gate
+(``gate.json`` in the regime's folder records what each level measured and which was chosen); the regime's
+other runs follow at that level. A run whose ``metrics.jsonl`` already holds every step, with the same
+overrides, is kept, so an interrupted study continues where it stopped; a partial run is run again from its
+start.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from alp_megatron.config import RunConfig, load_run_config
 from alp_megatron.errors import AlpError
-from alp_megatron.study.plan import RunSpec, StudyConfig, plan_runs
 from alp_megatron.run.metrics import read_metrics
+from alp_megatron.study.plan import RunSpec, StudyConfig, plan_runs, run_spec
 
 logger = logging.getLogger(__name__)
 
 # What a finished run keeps (the rest, checkpoints above all, is removed to keep a study small).
 KEPT_FILES = ("metrics.jsonl", "config.yaml", "train.log")
 COMPLETE_MARKER = "complete"  # written last, only after alp-train exited 0
+GATE_FILE = "gate.json"
+# Every run of a study generates on the study's server, given by URL (added by run_one).
+RUNNER_OVERRIDES = ("rollout.mode=disaggregated",)
 
 
 class StudyRunError(AlpError):
@@ -36,7 +44,7 @@ class StudyRunError(AlpError):
 
 
 def run_directory(output_dir: str, spec: RunSpec) -> str:
-    return os.path.join(output_dir, "runs", spec.configuration, f"seed{spec.seed}")
+    return os.path.join(output_dir, "runs", spec.regime, f"level{spec.level}", spec.configuration, f"seed{spec.seed}")
 
 
 def run_fingerprint(spec: RunSpec) -> str:
@@ -57,6 +65,13 @@ def is_complete(run_dir: str, steps: int, spec: Optional[RunSpec] = None) -> boo
         return handle.read() == run_fingerprint(spec)
 
 
+def regime_run_config(study: StudyConfig, regime: str) -> RunConfig:
+    """The run config of ``regime``'s runs (its YAML with the study's and the regime's overrides)."""
+    settings = study.regimes[regime]
+    return load_run_config(settings.run_config or study.run_config,
+                           (*study.overrides, *settings.knob_overrides(), *RUNNER_OVERRIDES))
+
+
 def num_layers(config: RunConfig) -> int:
     """Decoder layers of the model the study trains (the tiny model's, or the HF checkpoint's)."""
     if config.model.hf_path:
@@ -66,36 +81,89 @@ def num_layers(config: RunConfig) -> int:
     return config.model.tiny_num_layers
 
 
-def planned_runs(study: StudyConfig, output_dir: str,
-                 config: Optional[RunConfig] = None) -> list[tuple[RunSpec, str]]:
-    """``[(spec, run_dir)]`` of every run of ``study`` (``config``: its run config, loaded if not given)."""
-    config = config or load_run_config(study.run_config, study.overrides)
-    return [(spec, run_directory(output_dir, spec)) for spec in plan_runs(study, num_layers(config))]
+def gate_measurement(records: list[dict]) -> dict:
+    """What the gate reads from a probe run: its mean ``mismatch_k3`` over steps and its largest per-step p98 of
+    the sequence ratio."""
+    k3 = [float(r["mismatch_k3"]) for r in records if _finite(r.get("mismatch_k3"))]
+    p98 = [float(r["train_infer_ratio_seq_p98"]) for r in records if _finite(r.get("train_infer_ratio_seq_p98"))]
+    return {"mismatch_k3_mean": sum(k3) / len(k3) if k3 else math.nan, "seq_ratio_p98_max": max(p98, default=math.nan)}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass
+class RegimeState:
+    """One regime's gate: what the probe measured at each level tried, and the level the regime runs at."""
+
+    levels: list = field(default_factory=list)  # [{"level", "overrides", "mismatch_k3_mean", "seq_ratio_p98_max", "reached"}]
+    level: int = 0
+
+    @property
+    def reached(self) -> bool:
+        return bool(self.levels) and self.levels[self.level]["reached"]
+
+    @classmethod
+    def read(cls, regime_dir: str) -> "RegimeState":
+        path = os.path.join(regime_dir, GATE_FILE)
+        if not os.path.isfile(path):
+            return cls()
+        with open(path) as handle:
+            data = json.load(handle)
+        return cls(levels=data["levels"], level=data["level"])
+
+    def write(self, regime_dir: str) -> None:
+        os.makedirs(regime_dir, exist_ok=True)
+        staging = os.path.join(regime_dir, GATE_FILE + ".partial")
+        with open(staging, "w") as handle:
+            json.dump({"level": self.level, "reached": self.reached, "levels": self.levels}, handle, indent=1)
+        os.replace(staging, os.path.join(regime_dir, GATE_FILE))
+
+
+def regime_directory(output_dir: str, regime: str) -> str:
+    return os.path.join(output_dir, "runs", regime)
+
+
+def planned_runs(study: StudyConfig, output_dir: str) -> dict[str, list[tuple[RunSpec, str]]]:
+    """``{regime: [(spec, run_dir)]}`` of every run of ``study`` at the level each regime's gate chose (level 0
+    for a regime not yet probed)."""
+    planned = {}
+    for regime in study.regimes:
+        level = RegimeState.read(regime_directory(output_dir, regime)).level
+        layers = num_layers(regime_run_config(study, regime))
+        planned[regime] = [(spec, run_directory(output_dir, spec)) for spec in plan_runs(study, regime, layers, level)]
+    return planned
 
 
 def build_base_models(study: StudyConfig, config: RunConfig, output_dir: str) -> dict[int, str]:
-    """``{seed: HF folder}``: the run config's tiny model, warm-started once per seed (shared by every
-    configuration of that seed, so all start from the same policy)."""
+    """``{seed: HF folder}``: the run config's tiny model, warm-started once per model shape and seed (shared by
+    every configuration and regime of that shape and seed, so all start from the same policy)."""
     from alp_megatron.model.warm_start import ensure_warm_started_model
 
     if config.model.hf_path:
         return {seed: config.model.hf_path for seed in study.seeds}
-    model = config.model
-    shape = f"L{model.tiny_num_layers}-warm{model.tiny_warm_start_steps}-{config.data.toy_task}"
-    return {seed: ensure_warm_started_model(os.path.join(output_dir, "base_models", f"{shape}-seed{seed}"),
-                                            config.data.toy_task or "rev4", model.tiny_warm_start_steps, seed,
-                                            model.tiny_num_layers)
+    model, task = config.model, config.data.toy_task or "rev4"
+    shape = f"{model.tiny_architecture}-L{model.tiny_num_layers}-warm{model.tiny_warm_start_steps}-{task}"
+    return {seed: ensure_warm_started_model(os.path.join(output_dir, "base_models", f"{shape}-seed{seed}"), task,
+                                            model.tiny_warm_start_steps, seed, model.tiny_num_layers,
+                                            architecture=model.tiny_architecture)
             for seed in study.seeds}
 
 
-def start_engine(study: StudyConfig, config: RunConfig, model_path: str, log_dir: str):
-    """One SGLang server in ``off_policy.engine_dtype`` with the run config's extra server arguments."""
+def start_engine(study: StudyConfig, regime: str, config: RunConfig, model_path: str, log_dir: str):
+    """One SGLang server for ``regime``: its engine dtype, the run config's extra server arguments, and MoE
+    routes returned when the runs replay or compare them."""
     from alp_megatron.rollout.server import ServerConfig, start_servers
 
-    server_config = ServerConfig(model_path=model_path, port=0, dtype=study.off_policy.engine_dtype,
-                                 extra_args=config.rollout.server_extra_args, log_dir=log_dir,
+    megatron = config.model.megatron
+    routes = megatron.routing_replay == "rollout" or megatron.routing_agreement
+    dtype = study.regimes[regime].engine_dtype
+    server_config = ServerConfig(model_path=model_path, port=0, dtype=dtype, log_dir=log_dir,
+                                 extra_args=tuple(config.rollout.server_extra_args)
+                                 + (("--enable-return-routed-experts",) if routes else ()),
                                  startup_timeout_s=config.rollout.startup_timeout_s)
-    logger.info("starting the study's SGLang server (%s) on %s", study.off_policy.engine_dtype, model_path)
+    logger.info("starting regime %s's SGLang server (%s) on %s", regime, dtype, model_path)
     return start_servers([server_config])[0]
 
 
@@ -104,8 +172,9 @@ def run_one(study: StudyConfig, spec: RunSpec, run_dir: str, model_path: str, en
     """``alp-train`` for one run (world size 1, no torchrun), its output in ``run_dir/train.log``."""
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    command = [sys.executable, "-m", "alp_megatron.cli", "--config", study.run_config, "--output-dir", run_dir,
-               *spec.overrides, f"model.hf_path={model_path}", "rollout.mode=disaggregated",
+    run_config = study.regimes[spec.regime].run_config or study.run_config
+    command = [sys.executable, "-m", "alp_megatron.cli", "--config", run_config, "--output-dir", run_dir,
+               *spec.overrides, f"model.hf_path={model_path}", *RUNNER_OVERRIDES,
                f"rollout.server_urls=[{engine_url}]"]
     log_path = os.path.join(run_dir, "train.log")
     with open(log_path, "w") as log:
@@ -122,30 +191,81 @@ def run_one(study: StudyConfig, spec: RunSpec, run_dir: str, model_path: str, en
         marker.write(run_fingerprint(spec))
 
 
+class _Progress:
+    """Counts finished runs across the study and estimates the time left from the runs run so far."""
+
+    def __init__(self, total: int, report: Callable[[str], None]):
+        self.total, self.done, self.ran, self.report = total, 0, 0, report
+        self.started = time.monotonic()
+
+    def kept(self) -> None:
+        self.done += 1
+
+    def finished(self, spec: RunSpec, run_dir: str, seconds: float) -> None:
+        self.done, self.ran = self.done + 1, self.ran + 1
+        records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        left = (time.monotonic() - self.started) / self.ran * max(self.total - self.done, 0)
+        self.report(f"[{self.done}/{self.total}] {spec.name}: reward {_first_last(records, 'reward_mean')}, "
+                    f"k3 {gate_measurement(records)['mismatch_k3_mean']:.2e}, {seconds:.0f} s "
+                    f"(about {left / 60:.0f} min left)")
+
+
 def run_study(study: StudyConfig, output_dir: str,
-              progress: Callable[[str], None] = print) -> list[tuple[RunSpec, str]]:
-    """Run every run of ``study`` not yet complete in ``output_dir``; returns ``[(spec, run_dir)]`` of all."""
-    config = load_run_config(study.run_config, study.overrides)
-    runs = planned_runs(study, output_dir, config)
-    todo = [spec for spec, run_dir in runs if not is_complete(run_dir, study.steps, spec)]
-    progress(f"off-policy study: {len(runs)} runs ({len(runs) - len(todo)} already complete) in {output_dir}")
-    if todo:
-        models = build_base_models(study, config, output_dir)
-        server = start_engine(study, config, models[study.seeds[0]], os.path.join(output_dir, "logs"))
+              progress: Callable[[str], None] = print) -> dict[str, list[tuple[RunSpec, str]]]:
+    """Run every run of ``study`` not yet complete in ``output_dir`` (probing each regime's gate first);
+    returns :func:`planned_runs`."""
+    total = sum(len(plan_runs(study, name, num_layers(regime_run_config(study, name)))) for name in study.regimes)
+    counter = _Progress(total, progress)
+    progress(f"off-policy study: {len(study.regimes)} regimes, {total} runs (more if a regime escalates) in "
+             f"{output_dir}")
+    for regime in study.regimes:
+        _run_regime(study, regime, output_dir, counter)
+    return planned_runs(study, output_dir)
+
+
+def _run_regime(study: StudyConfig, regime: str, output_dir: str, counter: _Progress) -> None:
+    settings = study.regimes[regime]
+    config = regime_run_config(study, regime)
+    layers = num_layers(config)
+    folder = regime_directory(output_dir, regime)
+    server, models = None, None
+
+    def ensure(spec: RunSpec) -> str:
+        nonlocal server, models
+        run_dir = run_directory(output_dir, spec)
+        if is_complete(run_dir, study.steps, spec):
+            counter.kept()
+            return run_dir
+        if server is None:
+            models = build_base_models(study, config, output_dir)
+            server = start_engine(study, regime, config, models[study.seeds[0]], os.path.join(output_dir, "logs", regime))
         started = time.monotonic()
-        try:
-            for index, spec in enumerate(todo, 1):
-                run_started = time.monotonic()
-                run_dir = run_directory(output_dir, spec)
-                run_one(study, spec, run_dir, models[spec.seed], server.url)
-                records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-                elapsed = time.monotonic() - started
-                remaining = elapsed / index * (len(todo) - index)
-                progress(f"[{index}/{len(todo)}] {spec.name}: reward {_first_last(records, 'reward_mean')}, "
-                         f"{time.monotonic() - run_started:.0f} s (about {remaining / 60:.0f} min left)")
-        finally:
+        run_one(study, spec, run_dir, models[spec.seed], server.url)
+        counter.finished(spec, run_dir, time.monotonic() - started)
+        return run_dir
+
+    try:
+        state = RegimeState()
+        for level in range(len(settings.escalation) + 1):
+            probe = run_spec(study, regime, study.gate.probe, study.seeds[0], layers, level)
+            measured = gate_measurement(read_metrics(os.path.join(ensure(probe), "metrics.jsonl"))[: study.steps])
+            reached = study.gate.reached(measured["mismatch_k3_mean"], measured["seq_ratio_p98_max"])
+            state.levels.append({"level": level, "overrides": settings.knob_overrides(level), **measured,
+                                 "reached": reached})
+            state.level = level
+            state.write(folder)
+            if reached:
+                break
+            if level < len(settings.escalation):
+                counter.total += 1  # the next level's probe; this level's other runs are not run
+                counter.report(f"regime {regime}: level {level} did not reach the gate (k3 "
+                               f"{measured['mismatch_k3_mean']:.2e}, seq ratio p98 {measured['seq_ratio_p98_max']:.3f});"
+                               f" escalating to {settings.escalation[level]}")
+        for spec in plan_runs(study, regime, layers, state.level):
+            ensure(spec)
+    finally:
+        if server is not None:
             server.stop()
-    return runs
 
 
 def _first_last(records: list[dict], key: str) -> Optional[str]:

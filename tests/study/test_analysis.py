@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from alp_megatron.study.analysis import claims, configuration_result, markdown_table, plot_all, results_by_configuration
+from alp_megatron.study.analysis import (
+    claims, configuration_result, markdown_table, plot_all, results_by_configuration, verdicts,
+)
 from alp_megatron.study.plan import StudyConfig
 
 STUDY = StudyConfig()
@@ -32,15 +34,16 @@ def test_configuration_numbers_across_seeds():
     assert result.reward_final_std == pytest.approx(math.sqrt(0.02))
     assert result.ratio_p999 == pytest.approx(2.0 + 9) and result.ratio_max == pytest.approx(4.0 + 9)
     assert result.k3_spike_steps == 0.5 and result.grad_spikes == 0.5
+    assert result.ratio_spike_steps == 9  # p99.9 = 2.0 + step: above 2.0 from step 1 (p2 = 0.5 is not below 1/2)
     assert result.sigma_end == pytest.approx(0.02)
 
 
 def test_claims_compare_alp_with_each_baseline_and_ablation():
     runs = {"bypass": [records([0.2] * 6, p999=5.0, k3=1e-3)], "alp_seq": [records([0.4] * 6, alp=True)],
             "late_third": [records([0.5] * 6, alp=True)]}
-    found = {claim: holds for claim, holds, _ in claims(results_by_configuration(runs, STUDY))}
-    assert found["ALP's sequence-ratio tail (p99.9) stays below bypass's"]
-    assert found["ALP's train-inference KL (mismatch k3) stays below bypass's"]
+    found = {claim.text: claim.holds for claim in claims(results_by_configuration(runs, STUDY))}
+    assert found["ALP's sequence-ratio tail (p99.9) stays below that of bypass"]
+    assert found["ALP's train-inference KL (mismatch k3) stays below that of bypass"]
     assert found["ALP learns at least as well as bypass"] is None  # one seed each: no spread to judge by
     assert found["perturbing all layers beats late third"] is None
 
@@ -49,10 +52,23 @@ def test_reward_claims_use_the_seed_spread():
     seeds = lambda rewards, **kw: [records([r] * 6, **kw) for r in rewards]  # noqa: E731
     runs = {"bypass": seeds([0.30, 0.32]), "alp_seq": seeds([0.50, 0.52], alp=True),
             "late_third": seeds([0.49, 0.53], alp=True), "logits_only": seeds([0.70, 0.72], alp=True)}
-    found = {claim: holds for claim, holds, _ in claims(results_by_configuration(runs, STUDY))}
+    found = {claim.text: claim.holds for claim in claims(results_by_configuration(runs, STUDY))}
     assert found["ALP learns at least as well as bypass"] is True
     assert found["perturbing all layers beats late third"] is None  # inside one std
     assert found["perturbing all layers beats logits only"] is False
+
+
+def test_a_verdict_per_claim_names_where_it_held_and_failed_and_says_untested_below_the_gate():
+    seeds = lambda rewards, **kw: [records([r] * 6, **kw) for r in rewards]  # noqa: E731
+    runs = {"bypass": seeds([0.30, 0.32], p999=5.0), "tis": seeds([0.30, 0.32], p999=1.0),
+            "alp_seq": seeds([0.50, 0.52], p999=2.0, alp=True), "logits_only": seeds([0.70, 0.72], alp=True)}
+    found = claims(results_by_configuration(runs, STUDY))
+    lines = verdicts(found, gate_reached=True)
+    assert len(lines) == 4
+    tail = next(line for line in lines if "tail" in line)
+    assert "holds against bypass" in tail and "FAILS against tis" in tail
+    assert "FAILS against logits_only" in next(line for line in lines if "all layers" in line)
+    assert all("untested here" in line for line in verdicts(found, gate_reached=False))
 
 
 def test_a_seed_without_a_number_does_not_blank_the_configuration():
