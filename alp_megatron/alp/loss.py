@@ -538,6 +538,8 @@ def policy_loss(
         metrics.update(stats.ratio_quantiles(ratio.detach(), seq_ratio, mask))
         if inputs.old_logprobs is not None:
             metrics.update(stats.mismatch_kl(inputs.old_logprobs, inputs.rollout_logprobs, mask))
+            metrics.update(stats.train_inference_ratio(inputs.old_logprobs, inputs.rollout_logprobs, mask, bound,
+                                                       prefix="mismatch_ratio_seq_"))
         if kl is not None:
             metrics["kl_ref_mean"] = float(stats.masked_mean(kl.detach(), mask))
         metrics.update(terms.metrics())

@@ -8,7 +8,8 @@ Key names (shared with the metrics file):
 
 - ratio quantiles: ``{prefix}p0.1``, ``p1``, ``p2``, ``p50``, ``p98``, ``p99``, ``p999`` (= 99.9 %), ``max``,
   ``min``; the loss uses the prefixes ``ratio_token_`` and ``ratio_seq_``.
-- mismatch: ``mismatch_k1``, ``mismatch_k3``, ``train_rollout_logprob_abs_diff``.
+- mismatch: ``mismatch_k1``, ``mismatch_k3``, ``train_rollout_logprob_abs_diff``, and the quantiles of the
+  sequence ratio ``pi_old / mu`` (``mismatch_ratio_seq_*``).
 """
 
 from __future__ import annotations
@@ -134,14 +135,16 @@ def mismatch_kl(
 
 
 def train_inference_ratio(trained_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
-                          log_clamp: float = 20.0) -> dict[str, float]:
+                          log_clamp: float = 20.0, prefix: str = "train_infer_ratio_seq_") -> dict[str, float]:
     """Quantiles of the sequence ratio ``pi_train / mu`` (``train_infer_ratio_seq_*``), whatever the loss.
 
     ``trained_logprobs``: the numerator the loss was trained with (perturbed for ALP), ``rollout_logprobs``:
     the engine's; all ``[batch, seq]``. For ALP and bypass this is the loss's own sequence ratio (unless
     ``loss.seq_ratio_geometric_mean``, which takes its per-token geometric mean); for grpo, tis, mis and gspo
     (whose loss ratio is against the recomputed pi_old) it is the same training-inference ratio, so methods
-    can be compared on it. The log-ratio is clamped to ``[-log_clamp, log_clamp]``.
+    can be compared on it. The log-ratio is clamped to ``[-log_clamp, log_clamp]``. Given the unperturbed
+    ``pi_old`` as the numerator (``prefix="mismatch_ratio_seq_"``), it is the engine mismatch alone, before any
+    update of the step and without ALP's noise.
     """
     _check_same_shape(trained_logprobs, rollout_logprobs, "train_inference_ratio")
     with torch.no_grad():
@@ -149,4 +152,4 @@ def train_inference_ratio(trained_logprobs: torch.Tensor, rollout_logprobs: torc
         log_ratio = torch.where(valid, trained_logprobs.detach().double() - rollout_logprobs.detach().double(),
                                 torch.zeros((), dtype=torch.float64))
         seq_ratio = log_ratio.sum(dim=-1).clamp(-log_clamp, log_clamp).exp()
-        return masked_quantiles(seq_ratio, valid.any(dim=-1), prefix="train_infer_ratio_seq_")
+        return masked_quantiles(seq_ratio, valid.any(dim=-1), prefix=prefix)

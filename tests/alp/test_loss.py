@@ -495,6 +495,9 @@ def test_metrics_keys():
     assert with_old["mismatch_k1"] == pytest.approx(-0.1, rel=1e-9)
     assert with_old["train_rollout_logprob_abs_diff"] == pytest.approx(0.1, rel=1e-9)
     assert with_old["mismatch_k3"] == pytest.approx(math.exp(0.1) - 1 - 0.1, rel=1e-9)
+    tokens = [sum(row) for row in MASK if sum(row)]  # pi_old / mu of a sequence: exp(0.1 per masked-in token)
+    assert with_old["mismatch_ratio_seq_max"] == pytest.approx(math.exp(0.1 * max(tokens)), rel=1e-9)
+    assert with_old["mismatch_ratio_seq_min"] == pytest.approx(math.exp(0.1 * min(tokens)), rel=1e-9)
     # ALP's loss does not read old_logprobs: only the metrics change.
     assert with_old["loss"] == without_old["loss"]
 

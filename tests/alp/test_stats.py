@@ -95,3 +95,6 @@ def test_train_inference_ratio_is_the_sequence_ratio_against_the_engine():
     assert metrics["train_infer_ratio_seq_min"] == pytest.approx(1.0)
     clamped = train_inference_ratio(trained + 100 * mask, rollout, mask, log_clamp=20.0)
     assert clamped["train_infer_ratio_seq_max"] == pytest.approx(math.exp(20.0))
+    mismatch = train_inference_ratio(trained, rollout, mask, prefix="mismatch_ratio_seq_")
+    assert mismatch["mismatch_ratio_seq_max"] == metrics["train_infer_ratio_seq_max"]
+    assert not [key for key in mismatch if not key.startswith("mismatch_ratio_seq_")]
