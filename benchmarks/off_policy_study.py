@@ -72,7 +72,7 @@ def write_report(study, runs: dict, out: str) -> str:
     from alp_megatron.study.runner import RegimeState, is_complete, regime_directory
 
     gate = study.gate
-    summary = ["| regime | what | level (overrides added) | bypass k3 (mean) | bypass seq ratio P98 (max) | "
+    summary = ["| regime | what | level (overrides added) | bypass k3 (mean) | bypass pi_old / mu seq P98 (max) | "
                "tests the claims |", "|---|---|---|---|---|---|"]
     sections, regimes_json = [], []
     for regime, regime_runs in runs.items():
@@ -80,8 +80,8 @@ def write_report(study, runs: dict, out: str) -> str:
         state = RegimeState.read(regime_directory(out, regime))
         by_configuration: dict[str, list[list[dict]]] = {}
         for spec, run_dir in regime_runs:  # complete runs of this very study only (same overrides, every step)
-            if is_complete(run_dir, study.steps, spec):
-                records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))[: study.steps]
+            if is_complete(run_dir, study.regime_steps(regime), spec):
+                records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))[: study.regime_steps(regime)]
                 by_configuration.setdefault(spec.configuration, []).append(records)
         results = analysis.results_by_configuration(by_configuration, study)
         found = analysis.claims(results)
@@ -96,7 +96,7 @@ def write_report(study, runs: dict, out: str) -> str:
         summary.append(f"| {regime} | {settings.description or '-'} | {state.level} ({added}) | "
                        + (f"{probe['mismatch_k3_mean']:.2e} | {probe['seq_ratio_p98_max']:.3f} | " if probe else "- | - | ")
                        + f"{tested} |")
-        knobs = (f"engine {settings.engine_dtype}, engine temperature {settings.engine_temperature or 'as trainer'}, "
+        knobs = (f"{study.regime_steps(regime)} steps per run, engine {settings.engine_dtype}, engine temperature {settings.engine_temperature or 'as trainer'}, "
                  f"{settings.num_mini_batches} mini-batches per rollout batch; run config "
                  f"{settings.run_config or study.run_config}; overrides: {', '.join(settings.knob_overrides(state.level))}")
         if not results:
@@ -111,9 +111,9 @@ def write_report(study, runs: dict, out: str) -> str:
                              "gate_reached": state.reached, "levels": state.levels,
                              "results": [asdict(r) for r in results], "claims": [asdict(c) for c in found],
                              "verdicts": verdicts})
-    head = (f"# Off-policy study\n\n{study.steps} steps per run, seeds {list(study.seeds)}. A regime tests the "
-            f"claims when {gate.probe}'s mean mismatch k3 reaches {gate.mismatch_k3:g} or its sequence-ratio P98 "
-            f"reaches {gate.seq_ratio_p98:g}.\n\n" + "\n".join(summary) + "\n")
+    head = (f"# Off-policy study\n\n{study.steps} steps per run (unless a regime says), seeds {list(study.seeds)}. A regime tests the "
+            f"claims when {gate.probe}'s mean mismatch k3 reaches {gate.mismatch_k3:g} or the P98 of its sequence "
+            f"mismatch ratio pi_old / mu reaches {gate.seq_ratio_p98:g}.\n\n" + "\n".join(summary) + "\n")
     report = "\n".join([head] + sections)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(report)

@@ -12,7 +12,8 @@ configuration (e.g. ALP computing its own MoE routes in the perturbed pass). Eve
 seed in every regime that lists it.
 
 *Gate and escalation*: a regime tests the paper's claims only if the uncorrected baseline's (``gate.probe``,
-bypass) measured mismatch reaches ``gate.mismatch_k3`` or its sequence-ratio P98 reaches ``gate.seq_ratio_p98``.
+bypass) measured mismatch reaches ``gate.mismatch_k3`` or the P98 of its sequence mismatch ratio ``pi_old / mu``
+reaches ``gate.seq_ratio_p98``.
 A regime lists ``escalation`` levels (override sets that push harder: a hotter engine, more stale steps); the
 runner runs the probe at level 0, and at the next level while the gate is not reached, and runs the regime's
 other configurations at the first level that reached it (or the last one, reported as not reaching it).
@@ -40,7 +41,8 @@ class RegimeConfig:
     ``overrides``: the alp-train overrides that make it, after the study's. ``engine_dtype``: the rollout
     engine's precision (the trainer stays in its own). ``engine_temperature``: the engine samples at this
     temperature while the trainer scores at 1.0 (null: same). ``num_mini_batches``: optimizer steps per rollout
-    batch (K > 1: the later steps train on stale samples). ``methods`` / ``ablations``: this regime's (null: the
+    batch (K > 1: the later steps train on stale samples). ``steps``: RL steps per run (null: the study's; a
+    regime whose steps cost more, multi-turn above all, may run fewer). ``methods`` / ``ablations``: this regime's (null: the
     study's). ``configurations``: extra configurations, ``{name: [overrides]}`` on top of the regime's (each a
     method's ``loss.method`` and ``alp.*``). ``escalation``: override sets, one per level, tried in order while
     the gate is not reached."""
@@ -51,6 +53,7 @@ class RegimeConfig:
     engine_dtype: str = "bfloat16"
     engine_temperature: Optional[float] = None
     num_mini_batches: int = 4
+    steps: Optional[int] = None
     methods: Optional[tuple[str, ...]] = None
     ablations: Optional[tuple[str, ...]] = None
     configurations: dict = field(default_factory=dict)
@@ -65,6 +68,8 @@ class RegimeConfig:
         if self.num_mini_batches < 1:
             raise ConfigError("num_mini_batches", f"must be >= 1, got {self.num_mini_batches}",
                               "use 1 (on-policy) or more (stale mini-batch steps)")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}", "use the RL steps per run, or null for the study's")
         for name, values, allowed in (("methods", self.methods, METHODS), ("ablations", self.ablations, ABLATIONS)):
             unknown = [v for v in values or () if v not in allowed]
             if unknown:
@@ -93,12 +98,13 @@ DEFAULT_REGIMES = {"bf16": RegimeConfig(description="a bf16 engine against the f
 @dataclass(frozen=True)
 class GateSettings:
     """When a regime's off-policyness is enough to test the claims: the ``probe`` configuration's (the
-    uncorrected baseline) mean ``mismatch_k3`` over steps reaches ``mismatch_k3``, or its sequence ratio's P98
-    (the largest per-step p98) reaches ``seq_ratio_p98``."""
+    uncorrected baseline) mean ``mismatch_k3`` over steps reaches ``mismatch_k3``, or the P98 of its sequence
+    mismatch ratio ``pi_old / mu`` (``mismatch_ratio_seq_p98``, the largest over steps) reaches
+    ``seq_ratio_p98``."""
 
     probe: str = "bypass"
     mismatch_k3: float = 1e-3
-    seq_ratio_p98: float = 1.1
+    seq_ratio_p98: float = 1.5
 
     def __post_init__(self):
         if self.probe not in METHODS:
@@ -189,6 +195,9 @@ class StudyConfig:
                 raise ConfigError(f"regimes.{name}.methods", f"lacks the gate's probe {self.gate.probe!r}",
                                   "add it: the gate measures the regime's mismatch on it")
 
+    def regime_steps(self, name: str) -> int:
+        return self.regimes[name].steps or self.steps
+
     def regime_methods(self, name: str) -> tuple[str, ...]:
         regime = self.regimes[name]
         return self.methods if regime.methods is None else regime.methods
@@ -199,8 +208,8 @@ class StudyConfig:
 
     def quick_version(self) -> "StudyConfig":
         names = self.quick.regimes or tuple(self.regimes)[:1]
-        regimes = {name: replace(self.regimes[name], methods=None, ablations=None, configurations={}, escalation=())
-                   for name in names}
+        regimes = {name: replace(self.regimes[name], methods=None, ablations=None, configurations={}, escalation=(),
+                                 steps=None) for name in names}
         return replace(self, methods=self.quick.methods, seeds=self.quick.seeds, steps=self.quick.steps,
                        ablations=(), regimes=regimes)
 
@@ -260,7 +269,7 @@ def run_spec(study: StudyConfig, regime: str, configuration: str, seed: int, num
     settings = study.regimes[regime]
     overrides = (*study.overrides, *settings.knob_overrides(level),
                  *configuration_overrides(configuration, num_layers, settings),
-                 f"run.steps={study.steps}", f"run.seed={seed}", f"data.seed={seed}", f"alp.seed={seed}",
+                 f"run.steps={study.regime_steps(regime)}", f"run.seed={seed}", f"data.seed={seed}", f"alp.seed={seed}",
                  f"rollout.sampling.seed={seed}")
     return RunSpec(regime, configuration, seed, overrides, level)
 

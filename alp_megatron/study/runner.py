@@ -82,10 +82,11 @@ def num_layers(config: RunConfig) -> int:
 
 
 def gate_measurement(records: list[dict]) -> dict:
-    """What the gate reads from a probe run: its mean ``mismatch_k3`` over steps and its largest per-step p98 of
-    the sequence ratio."""
+    """What the gate reads from a probe run: its mean ``mismatch_k3`` over steps and the largest per-step p98 of
+    its sequence mismatch ratio ``pi_old / mu`` (the engine's mismatch alone: not the drift of the step's
+    updates, which the training ratio ``train_infer_ratio_seq_*`` also holds)."""
     k3 = [float(r["mismatch_k3"]) for r in records if _finite(r.get("mismatch_k3"))]
-    p98 = [float(r["train_infer_ratio_seq_p98"]) for r in records if _finite(r.get("train_infer_ratio_seq_p98"))]
+    p98 = [float(r["mismatch_ratio_seq_p98"]) for r in records if _finite(r.get("mismatch_ratio_seq_p98"))]
     return {"mismatch_k3_mean": sum(k3) / len(k3) if k3 else math.nan, "seq_ratio_p98_max": max(p98, default=math.nan)}
 
 
@@ -226,14 +227,14 @@ def run_study(study: StudyConfig, output_dir: str,
 def _run_regime(study: StudyConfig, regime: str, output_dir: str, counter: _Progress) -> None:
     settings = study.regimes[regime]
     config = regime_run_config(study, regime)
-    layers = num_layers(config)
+    layers, steps = num_layers(config), study.regime_steps(regime)
     folder = regime_directory(output_dir, regime)
     server, models = None, None
 
     def ensure(spec: RunSpec) -> str:
         nonlocal server, models
         run_dir = run_directory(output_dir, spec)
-        if is_complete(run_dir, study.steps, spec):
+        if is_complete(run_dir, steps, spec):
             counter.kept()
             return run_dir
         if server is None:
@@ -248,7 +249,7 @@ def _run_regime(study: StudyConfig, regime: str, output_dir: str, counter: _Prog
         state = RegimeState()
         for level in range(len(settings.escalation) + 1):
             probe = run_spec(study, regime, study.gate.probe, study.seeds[0], layers, level)
-            measured = gate_measurement(read_metrics(os.path.join(ensure(probe), "metrics.jsonl"))[: study.steps])
+            measured = gate_measurement(read_metrics(os.path.join(ensure(probe), "metrics.jsonl"))[:steps])
             reached = study.gate.reached(measured["mismatch_k3_mean"], measured["seq_ratio_p98_max"])
             state.levels.append({"level": level, "overrides": settings.knob_overrides(level), **measured,
                                  "reached": reached})
@@ -261,7 +262,7 @@ def _run_regime(study: StudyConfig, regime: str, output_dir: str, counter: _Prog
                 counter.report(f"regime {regime}: level {level} did not reach the gate (k3 "
                                f"{measured['mismatch_k3_mean']:.2e}, seq ratio p98 {measured['seq_ratio_p98_max']:.3f});"
                                f" escalating to {settings.escalation[level]}")
-        for spec in plan_runs(study, regime, layers, state.level):
+        for spec in plan_runs(study, regime, layers, state.level)[1:]:  # the first is the probe, run above
             ensure(spec)
     finally:
         if server is not None:

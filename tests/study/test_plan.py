@@ -51,7 +51,7 @@ def test_plan_runs_every_configuration_per_seed_with_seeded_overrides():
 
 
 def test_a_regime_brings_its_overrides_methods_configurations_and_escalation_levels():
-    regime = RegimeConfig(overrides=("rollout.max_staleness=2",), num_mini_batches=1, methods=("bypass", "alp_seq"),
+    regime = RegimeConfig(overrides=("rollout.max_staleness=2",), num_mini_batches=1, steps=5, methods=("bypass", "alp_seq"),
                           ablations=(), configurations={"alp_own_routes": ["loss.method=alp_seq",
                                                                            "alp.replay_routes_when_perturbed=false"]},
                           escalation=(("rollout.engine_temperature=1.2",),))
@@ -60,6 +60,7 @@ def test_a_regime_brings_its_overrides_methods_configurations_and_escalation_lev
     assert [r.configuration for r in level0] == ["bypass", "alp_seq", "alp_own_routes"]
     assert all("rollout.max_staleness=2" in r.overrides and "actor.num_mini_batches=1" in r.overrides for r in level0)
     assert "alp.replay_routes_when_perturbed=false" in level0[2].overrides
+    assert all("run.steps=5" in r.overrides for r in level0)  # its own steps, not the study's 30
     assert all("rollout.engine_temperature=1.2" in r.overrides and r.level == 1 for r in level1)
     assert not any("rollout.engine_temperature=1.2" in r.overrides for r in level0)
     assert level0[0].name == "async_k2/level0/bypass/seed0" and level1[0].name == "async_k2/level1/bypass/seed0"
@@ -69,7 +70,7 @@ def test_quick_runs_its_regimes_without_escalation():
     study = load_study_config(SHIPPED).quick_version()
     assert list(study.regimes) == ["bf16", "fp8_rounded"] and study.seeds == (0,)
     for name, regime in study.regimes.items():
-        assert regime.escalation == () and regime.configurations == {}
+        assert regime.escalation == () and regime.configurations == {} and regime.steps is None
         assert [r.configuration for r in plan_runs(study, name, 3)] == ["bypass", "alp_seq"]
     assert "weight_sync.rollout_precision=fp8_rounded" in plan_runs(study, "fp8_rounded", 3)[0].overrides
 

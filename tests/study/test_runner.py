@@ -38,7 +38,7 @@ def _keep(out, spec, k3, steps=2):
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as handle:
         for step in range(steps):
             handle.write(json.dumps({"step": step, "reward_mean": 0.5, "mismatch_k3": k3,
-                                     "train_infer_ratio_seq_p98": 1.01}) + "\n")
+                                     "mismatch_ratio_seq_p98": 1.01}) + "\n")
     with open(os.path.join(run_dir, COMPLETE_MARKER), "w") as marker:
         marker.write(run_fingerprint(spec))
 
