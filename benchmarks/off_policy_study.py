@@ -69,15 +69,15 @@ def write_report(study, runs: dict, out: str) -> str:
     plots under ``plots/<regime>/``; returns the Markdown."""
     from alp_megatron.run.metrics import read_metrics
     from alp_megatron.study import analysis
-    from alp_megatron.study.runner import RegimeState, is_complete, regime_directory
+    from alp_megatron.study.runner import is_complete, regime_state
 
     gate = study.gate
-    summary = ["| regime | what | level (overrides added) | bypass k3 (mean) | bypass pi_old / mu seq P98 (max) | "
+    summary = [f"| regime | what | level (overrides added) | {gate.probe} k3 (mean) | {gate.probe} pi_old / mu seq P98 (max) | "
                "tests the claims |", "|---|---|---|---|---|---|"]
     sections, regimes_json = [], []
     for regime, regime_runs in runs.items():
         settings = study.regimes[regime]
-        state = RegimeState.read(regime_directory(out, regime))
+        state = regime_state(study, regime, out)
         by_configuration: dict[str, list[list[dict]]] = {}
         for spec, run_dir in regime_runs:  # complete runs of this very study only (same overrides, every step)
             if is_complete(run_dir, study.regime_steps(regime), spec):
@@ -92,13 +92,14 @@ def write_report(study, runs: dict, out: str) -> str:
             plots = analysis.plot_all(by_configuration, os.path.join(out, "plots", regime), regime)
         probe = state.levels[state.level] if state.levels else None
         added = ", ".join(settings.escalation[state.level - 1]) if state.level else "none"
-        tested = "not run" if probe is None else ("yes" if state.reached else "no: below the gate at every level")
+        tested = ("not run" if probe is None else "yes" if state.reached else "no: below the gate at every level"
+                  if state.settled else f"not settled: the probe of level {state.level + 1} has not finished")
         summary.append(f"| {regime} | {settings.description or '-'} | {state.level} ({added}) | "
                        + (f"{probe['mismatch_k3_mean']:.2e} | {probe['seq_ratio_p98_max']:.3f} | " if probe else "- | - | ")
                        + f"{tested} |")
-        knobs = (f"{study.regime_steps(regime)} steps per run, engine {settings.engine_dtype}, engine temperature {settings.engine_temperature or 'as trainer'}, "
-                 f"{settings.num_mini_batches} mini-batches per rollout batch; run config "
-                 f"{settings.run_config or study.run_config}; overrides: {', '.join(settings.knob_overrides(state.level))}")
+        knobs = (f"{study.regime_steps(regime)} steps per run, engine {settings.engine_dtype}; run config "
+                 f"{settings.run_config or study.run_config}; the regime's overrides at level {state.level}: "
+                 f"{', '.join(settings.knob_overrides(state.level))}")
         if not results:
             sections.append(f"## Regime {regime}\n\n{settings.description}\n\n{knobs}\n\nNo finished run yet.\n")
         else:
@@ -108,7 +109,7 @@ def write_report(study, runs: dict, out: str) -> str:
                             + f"\n\n### Claims\n\n{analysis.claims_markdown(found)}\n\n"
                             f"Plots: {', '.join(os.path.relpath(p, out) for p in plots)}\n")
         regimes_json.append({"regime": regime, "settings": asdict(settings), "level": state.level,
-                             "gate_reached": state.reached, "levels": state.levels,
+                             "gate_reached": state.reached, "gate_settled": state.settled, "levels": state.levels,
                              "results": [asdict(r) for r in results], "claims": [asdict(c) for c in found],
                              "verdicts": verdicts})
     head = (f"# Off-policy study\n\n{study.steps} steps per run (unless a regime says), seeds {list(study.seeds)}. A regime tests the "

@@ -75,9 +75,10 @@ class RegimeConfig:
             if unknown:
                 raise ConfigError(name, f"unknown {unknown}", f"use any of {allowed}")
         for name, overrides in self.configurations.items():
-            if name in METHODS + ABLATIONS or not isinstance(overrides, (list, tuple)) \
+            if name in METHODS + ABLATIONS or not name.replace("_", "").isalnum() \
+                    or not isinstance(overrides, (list, tuple)) \
                     or not all(isinstance(o, str) and "=" in o for o in overrides):
-                raise ConfigError(f"regime.configurations.{name}", "must be a new name with a list of key=value overrides",
+                raise ConfigError(f"regime.configurations.{name}", "must be a new plain name (letters, digits, _) with a list of key=value overrides",
                                   "e.g. alp_own_routes: [loss.method=alp_seq, alp.enabled=true, "
                                   "alp.replay_routes_when_perturbed=false]")
         object.__setattr__(self, "configurations", {k: tuple(v) for k, v in self.configurations.items()})
@@ -192,8 +193,12 @@ class StudyConfig:
                                   "compare against alp_seq (all layers), which is not in the regime's methods",
                                   "add alp_seq to methods, or clear ablations")
             if self.gate.probe not in methods:
-                raise ConfigError(f"regimes.{name}.methods", f"lacks the gate's probe {self.gate.probe!r}",
+                raise ConfigError(f"regimes.{name}.methods" if regimes[name].methods is not None else "methods",
+                                  f"lacks the gate's probe {self.gate.probe!r}",
                                   "add it: the gate measures the regime's mismatch on it")
+        if self.gate.probe not in self.quick.methods:
+            raise ConfigError("quick.methods", f"lacks the gate's probe {self.gate.probe!r}",
+                              "add it: the gate measures each regime's mismatch on it")
 
     def regime_steps(self, name: str) -> int:
         return self.regimes[name].steps or self.steps

@@ -4,9 +4,10 @@ process against that server.
 
 Each run pushes its starting weights into the server before its first rollout (``rollout.server_urls``), so
 runs never see each other's weights. Runs go one after another (they share the machine and the server). In a
-regime the gate's probe (bypass, first seed) runs first, at each escalation level until one reaches the gate
-(``gate.json`` in the regime's folder records what each level measured and which was chosen); the regime's
-other runs follow at that level. A run whose ``metrics.jsonl`` already holds every step, with the same
+regime the gate's probe (bypass, first seed) runs first, at each escalation level until one reaches the gate;
+the regime's other runs follow at that level. The level is always worked out again from the kept probe runs
+under the study's current gate (``gate.json`` in the regime's folder is only the record of the last walk), so an
+analysis of kept runs chooses what a run of the study would. A run whose ``metrics.jsonl`` already holds every step, with the same
 overrides, is kept, so an interrupted study continues where it stopped; a partial run is run again from its
 start.
 """
@@ -96,8 +97,10 @@ def _finite(value) -> bool:
 
 @dataclass
 class RegimeState:
-    """One regime's gate: what the probe measured at each level tried, and the level the regime runs at."""
+    """One regime's gate: what the probe measured at each level tried (``levels``), the level the regime runs
+    at, and how many levels it has (``total_levels``: 1 + its escalation levels)."""
 
+    total_levels: int
     levels: list = field(default_factory=list)  # [{"level", "overrides", "mismatch_k3_mean", "seq_ratio_p98_max", "reached"}]
     level: int = 0
 
@@ -105,34 +108,65 @@ class RegimeState:
     def reached(self) -> bool:
         return bool(self.levels) and self.levels[self.level]["reached"]
 
-    @classmethod
-    def read(cls, regime_dir: str) -> "RegimeState":
-        path = os.path.join(regime_dir, GATE_FILE)
-        if not os.path.isfile(path):
-            return cls()
-        with open(path) as handle:
-            data = json.load(handle)
-        return cls(levels=data["levels"], level=data["level"])
+    @property
+    def settled(self) -> bool:
+        """The walk ended: a level reached the gate, or every level's probe finished below it."""
+        return self.reached or len(self.levels) == self.total_levels
 
     def write(self, regime_dir: str) -> None:
+        """``gate.json``: the record of the walk (the study reads its kept probe runs, not this file)."""
         os.makedirs(regime_dir, exist_ok=True)
         staging = os.path.join(regime_dir, GATE_FILE + ".partial")
         with open(staging, "w") as handle:
-            json.dump({"level": self.level, "reached": self.reached, "levels": self.levels}, handle, indent=1)
+            json.dump({"level": self.level, "reached": self.reached, "settled": self.settled, "levels": self.levels},
+                      handle, indent=1)
         os.replace(staging, os.path.join(regime_dir, GATE_FILE))
+
+
+def walk_gate(study: StudyConfig, regime: str, layers: int, probe: Callable[[RunSpec], Optional[str]],
+              on_level: Callable[[RegimeState], None] = lambda state: None) -> RegimeState:
+    """The regime's gate, level by level: ``probe(spec)`` gives the folder of the finished probe run of a level
+    (running it, or None where it has not finished: the walk stops there), ``on_level`` sees the state after
+    each level measured. Stops at the first level that reaches the gate."""
+    settings, steps = study.regimes[regime], study.regime_steps(regime)
+    state = RegimeState(total_levels=len(settings.escalation) + 1)
+    for level in range(state.total_levels):
+        run_dir = probe(run_spec(study, regime, study.gate.probe, study.seeds[0], layers, level))
+        if run_dir is None:
+            break
+        measured = gate_measurement(read_metrics(os.path.join(run_dir, "metrics.jsonl"))[:steps])
+        reached = study.gate.reached(measured["mismatch_k3_mean"], measured["seq_ratio_p98_max"])
+        state.levels.append({"level": level, "overrides": settings.knob_overrides(level), **measured, "reached": reached})
+        state.level = level
+        on_level(state)
+        if reached:
+            break
+    return state
 
 
 def regime_directory(output_dir: str, regime: str) -> str:
     return os.path.join(output_dir, "runs", regime)
 
 
+def regime_state(study: StudyConfig, regime: str, output_dir: str, layers: Optional[int] = None) -> RegimeState:
+    """The gate of ``regime`` as its kept probe runs decide it under ``study``'s gate and levels (nothing is run)."""
+    layers = num_layers(regime_run_config(study, regime)) if layers is None else layers
+    steps = study.regime_steps(regime)
+
+    def kept(spec: RunSpec) -> Optional[str]:
+        run_dir = run_directory(output_dir, spec)
+        return run_dir if is_complete(run_dir, steps, spec) else None
+
+    return walk_gate(study, regime, layers, kept)
+
+
 def planned_runs(study: StudyConfig, output_dir: str) -> dict[str, list[tuple[RunSpec, str]]]:
-    """``{regime: [(spec, run_dir)]}`` of every run of ``study`` at the level each regime's gate chose (level 0
-    for a regime not yet probed)."""
+    """``{regime: [(spec, run_dir)]}`` of every run of ``study`` at the level each regime's kept probe runs choose
+    (the level where the walk stopped, for a regime whose gate is not settled)."""
     planned = {}
     for regime in study.regimes:
-        level = RegimeState.read(regime_directory(output_dir, regime)).level
         layers = num_layers(regime_run_config(study, regime))
+        level = regime_state(study, regime, output_dir, layers).level
         planned[regime] = [(spec, run_directory(output_dir, spec)) for spec in plan_runs(study, regime, layers, level)]
     return planned
 
@@ -245,23 +279,17 @@ def _run_regime(study: StudyConfig, regime: str, output_dir: str, counter: _Prog
         counter.finished(spec, run_dir, time.monotonic() - started)
         return run_dir
 
+    def measured(state: RegimeState) -> None:
+        state.write(folder)
+        entry = state.levels[-1]
+        if not entry["reached"] and len(state.levels) < state.total_levels:
+            counter.total += 1  # the next level's probe; this level's other runs are not run
+            counter.report(f"regime {regime}: level {state.level} did not reach the gate (k3 "
+                           f"{entry['mismatch_k3_mean']:.2e}, pi_old / mu seq p98 {entry['seq_ratio_p98_max']:.3f}); "
+                           f"escalating to {settings.escalation[state.level]}")
+
     try:
-        state = RegimeState()
-        for level in range(len(settings.escalation) + 1):
-            probe = run_spec(study, regime, study.gate.probe, study.seeds[0], layers, level)
-            measured = gate_measurement(read_metrics(os.path.join(ensure(probe), "metrics.jsonl"))[:steps])
-            reached = study.gate.reached(measured["mismatch_k3_mean"], measured["seq_ratio_p98_max"])
-            state.levels.append({"level": level, "overrides": settings.knob_overrides(level), **measured,
-                                 "reached": reached})
-            state.level = level
-            state.write(folder)
-            if reached:
-                break
-            if level < len(settings.escalation):
-                counter.total += 1  # the next level's probe; this level's other runs are not run
-                counter.report(f"regime {regime}: level {level} did not reach the gate (k3 "
-                               f"{measured['mismatch_k3_mean']:.2e}, seq ratio p98 {measured['seq_ratio_p98_max']:.3f});"
-                               f" escalating to {settings.escalation[level]}")
+        state = walk_gate(study, regime, layers, ensure, measured)
         for spec in plan_runs(study, regime, layers, state.level)[1:]:  # the first is the probe, run above
             ensure(spec)
     finally:

@@ -83,10 +83,13 @@ def test_quick_runs_its_regimes_without_escalation():
     ("regimes.bf16.overridez=[]", "regimes.bf16.overridez"), ("quick.regimes=[fp4]", "quick.regimes"),
     ("regimes.bf16.methods=[grpo]", "regimes.bf16.methods"), ("gate.probe=ppo", "gate.probe"),
     ("regimes.bf16.configurations={grpo: [loss.method=grpo]}", "regimes.bf16.configurations.grpo"),
+    ("regimes.bf16.configurations={../x: [loss.method=grpo]}", "regimes.bf16.configurations.../x"),
+    ("methods=[grpo,alp_seq]", "methods"), ("quick.methods=[grpo,alp_seq]", "quick.methods"),
 ])
 def test_bad_study_config_names_the_field(override, field):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError) as error:
         load_study_config(None, (override,))
+    assert error.value.field == field
 
 
 def test_the_shipped_study_config_loads_and_every_regime_is_a_valid_run_config():

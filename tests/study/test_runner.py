@@ -4,10 +4,12 @@ regime's gate picks its level from the probe runs."""
 import json
 import os
 
-from alp_megatron.study.plan import RegimeConfig, RunSpec, StudyConfig, plan_runs
+from dataclasses import replace
+
+from alp_megatron.study.plan import GateSettings, RegimeConfig, RunSpec, StudyConfig, plan_runs
 from alp_megatron.study.runner import (
-    COMPLETE_MARKER, RegimeState, is_complete, planned_runs, regime_directory, run_directory, run_fingerprint,
-    run_study,
+    COMPLETE_MARKER, GATE_FILE, is_complete, planned_runs, regime_directory, regime_state, run_directory,
+    run_fingerprint, run_study,
 )
 
 
@@ -57,8 +59,10 @@ def test_the_gate_runs_the_regime_at_the_first_level_whose_probe_reached_it(tmp_
     for spec in plan_runs(study, "bf16", 3, level=1):
         _keep(tmp_path, spec, k3=5e-3)
     runs = run_study(study, str(tmp_path), progress=lambda line: None)
-    state = RegimeState.read(regime_directory(str(tmp_path), "bf16"))
+    state = regime_state(study, "bf16", str(tmp_path))
     assert state.level == 1 and state.reached and [entry["reached"] for entry in state.levels] == [False, True]
+    with open(os.path.join(regime_directory(str(tmp_path), "bf16"), GATE_FILE)) as handle:
+        assert json.load(handle)["levels"] == state.levels  # the record of the walk
     assert state.levels[1]["mismatch_k3_mean"] == 5e-3
     assert "rollout.engine_temperature=1.1" in state.levels[1]["overrides"]
     assert [spec.level for spec, _ in runs["bf16"]] == [1, 1] and runs == planned_runs(study, str(tmp_path))
@@ -70,5 +74,17 @@ def test_a_regime_that_never_reaches_the_gate_runs_at_its_last_level_and_says_so
         for spec in plan_runs(study, "bf16", 3, level=level)[: 1 if level == 0 else None]:
             _keep(tmp_path, spec, k3=1e-5)
     run_study(study, str(tmp_path), progress=lambda line: None)
-    state = RegimeState.read(regime_directory(str(tmp_path), "bf16"))
-    assert state.level == 1 and not state.reached and len(state.levels) == 2
+    state = regime_state(study, "bf16", str(tmp_path))
+    assert state.level == 1 and not state.reached and state.settled and len(state.levels) == 2
+
+
+def test_the_gate_is_read_from_the_kept_probes_under_the_current_gate(tmp_path):
+    """A study stopped before level 1's probe finished: its gate is not settled and its runs are level 0's; the
+    same kept probe under a lower gate reaches it at level 0 (nothing is read from an older gate.json)."""
+    study = _study([1.1])
+    _keep(tmp_path, plan_runs(study, "bf16", 3, level=0)[0], k3=1e-5)
+    state = regime_state(study, "bf16", str(tmp_path))
+    assert state.level == 0 and not state.reached and not state.settled
+    assert {spec.level for spec, _ in planned_runs(study, str(tmp_path))["bf16"]} == {0}
+    lower = replace(study, gate=GateSettings(mismatch_k3=1e-6))
+    assert regime_state(lower, "bf16", str(tmp_path)).reached
