@@ -72,8 +72,8 @@ def write_report(study, runs: dict, out: str) -> str:
     from alp_megatron.study.runner import is_complete, regime_state
 
     gate = study.gate
-    summary = [f"| regime | what | level (overrides added) | {gate.probe} k3 (mean) | {gate.probe} pi_old / mu seq P98 (max) | "
-               "tests the claims |", "|---|---|---|---|---|---|"]
+    summary = [f"| regime | what | level (overrides added) | {gate.probe} k3 (mean) | "
+               f"{gate.probe} pi_old / mu seq P98 (max) | tests the claims |", "|---|---|---|---|---|---|"]
     sections, regimes_json = [], []
     for regime, regime_runs in runs.items():
         settings = study.regimes[regime]
@@ -112,8 +112,8 @@ def write_report(study, runs: dict, out: str) -> str:
                              "gate_reached": state.reached, "gate_settled": state.settled, "levels": state.levels,
                              "results": [asdict(r) for r in results], "claims": [asdict(c) for c in found],
                              "verdicts": verdicts})
-    head = (f"# Off-policy study\n\n{study.steps} steps per run (unless a regime says), seeds {list(study.seeds)}. A regime tests the "
-            f"claims when {gate.probe}'s mean mismatch k3 reaches {gate.mismatch_k3:g} or the P98 of its sequence "
+    head = (f"# Off-policy study\n\n{study.steps} steps per run (unless a regime says), seeds {list(study.seeds)}. "
+            f"A regime tests the claims when {gate.probe}'s mean mismatch k3 reaches {gate.mismatch_k3:g} or the P98 of its sequence "
             f"mismatch ratio pi_old / mu reaches {gate.seq_ratio_p98:g}.\n\n" + "\n".join(summary) + "\n")
     report = "\n".join([head] + sections)
     with open(os.path.join(out, "results.md"), "w") as handle:

@@ -41,7 +41,8 @@ class ConfigurationResult:
     sigma_end: Optional[float]  # mean sigma over layers at the last step (ALP configurations)
 
 
-def _values(records: Sequence[dict], key: str) -> list[float]:
+def finite_values(records: Sequence[dict], key: str) -> list[float]:
+    """``key`` of each record that holds a finite number for it (the others are skipped)."""
     return [float(r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
@@ -49,7 +50,7 @@ def _finite(values: Sequence[float]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
-def _mean(values: Sequence[float]) -> float:
+def finite_mean(values: Sequence[float]) -> float:
     """Mean of the finite values (a seed that lacks a number does not turn the whole mean into NaN)."""
     values = _finite(values)
     return statistics.fmean(values) if values else math.nan
@@ -66,29 +67,29 @@ def configuration_result(configuration: str, runs: Sequence[list[dict]], study: 
         [] for _ in range(10))
     spike = study.thresholds.seq_ratio_spike
     for records in runs:
-        rewards = _values(records, "reward_mean")
-        finals.append(_mean(rewards[-FINAL_STEPS:]))
+        rewards = finite_values(records, "reward_mean")
+        finals.append(finite_mean(rewards[-FINAL_STEPS:]))
         firsts.append(rewards[0] if rewards else math.nan)
-        p999s.append(max(_values(records, RATIO + "p999"), default=math.nan))
-        maxima.append(max(_values(records, RATIO + "max"), default=math.nan))
-        p2s.append(min(_values(records, RATIO + "p2"), default=math.nan))
-        k3 = _values(records, "mismatch_k3")
-        k3_means.append(_mean(k3))
+        p999s.append(max(finite_values(records, RATIO + "p999"), default=math.nan))
+        maxima.append(max(finite_values(records, RATIO + "max"), default=math.nan))
+        p2s.append(min(finite_values(records, RATIO + "p2"), default=math.nan))
+        k3 = finite_values(records, "mismatch_k3")
+        k3_means.append(finite_mean(k3))
         k3_spikes.append(sum(1 for v in k3 if v > study.thresholds.mismatch_k3))
         ratio_spikes.append(sum(1 for r in records if float(r.get(RATIO + "p999", 1.0)) > spike
                                 or float(r.get(RATIO + "p2", 1.0)) < 1.0 / spike))
-        norms = _values(records, "grad_norm_max")
+        norms = finite_values(records, "grad_norm_max")
         median = statistics.median(norms) if norms else math.nan
         grad_spikes.append(sum(1 for v in norms if v > study.thresholds.grad_spike_factor * median))
         if records and records[-1].get("noise_ratio_mean") is not None:  # an ALP run: its sigmas moved
             sigmas.append(float(records[-1]["sigma_mean"]))
     return ConfigurationResult(
-        configuration=configuration, seeds=len(runs), reward_final_mean=_mean(finals),
-        reward_final_std=_std(finals), reward_first=_mean(firsts),
-        ratio_p999=_mean(p999s), ratio_max=max(_finite(maxima), default=math.nan), ratio_p2_min=_mean(p2s),
-        k3_mean=_mean(k3_means), k3_spike_steps=_mean(k3_spikes), ratio_spike_steps=_mean(ratio_spikes),
-        grad_spikes=_mean(grad_spikes),
-        sigma_end=_mean(sigmas) if sigmas else None,
+        configuration=configuration, seeds=len(runs), reward_final_mean=finite_mean(finals),
+        reward_final_std=_std(finals), reward_first=finite_mean(firsts),
+        ratio_p999=finite_mean(p999s), ratio_max=max(_finite(maxima), default=math.nan), ratio_p2_min=finite_mean(p2s),
+        k3_mean=finite_mean(k3_means), k3_spike_steps=finite_mean(k3_spikes), ratio_spike_steps=finite_mean(ratio_spikes),
+        grad_spikes=finite_mean(grad_spikes),
+        sigma_end=finite_mean(sigmas) if sigmas else None,
     )
 
 
@@ -214,13 +215,13 @@ def verdicts(found: Sequence[Claim], gate_reached: bool) -> list[str]:
 
 
 def _moving_average(values: list[float], window: int = 5) -> list[float]:
-    return [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+    return [finite_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def _per_step(runs: Sequence[list[dict]], key: str) -> list[float]:
     """The mean over seeds of ``key`` at each step (steps every seed reached)."""
     steps = min(len(records) for records in runs)
-    return [_mean([float(records[i].get(key, math.nan)) for records in runs]) for i in range(steps)]
+    return [finite_mean([float(records[i].get(key, math.nan)) for records in runs]) for i in range(steps)]
 
 
 def plot_all(runs: dict[str, list[list[dict]]], out_dir: str, regime: str = "") -> list[str]:
@@ -260,9 +261,9 @@ def plot_all(runs: dict[str, list[list[dict]]], out_dir: str, regime: str = "") 
 
     figure, ax = plt.subplots(figsize=(8, 5))
     for name in names:
-        per_seed = [_moving_average(_values(records, "reward_mean")) for records in runs[name]]
+        per_seed = [_moving_average(finite_values(records, "reward_mean")) for records in runs[name]]
         steps = min(len(v) for v in per_seed)
-        mean = [_mean([v[i] for v in per_seed]) for i in range(steps)]
+        mean = [finite_mean([v[i] for v in per_seed]) for i in range(steps)]
         spread = [statistics.stdev([v[i] for v in per_seed]) if len(per_seed) > 1 else 0.0 for i in range(steps)]
         x = list(range(1, steps + 1))
         ax.plot(x, mean, label=name)

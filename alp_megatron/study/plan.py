@@ -35,6 +35,11 @@ ALP_METHODS = ("alp_token", "alp_seq")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _is_plain_name(name: str) -> bool:
+    """Letters, digits and _ only: the name is a folder of the study's output."""
+    return name.replace("_", "").isalnum()
+
+
 @dataclass(frozen=True)
 class RegimeConfig:
     """One regime (``regimes.<name>``). ``run_config``: its alp-train YAML (None: the study's);
@@ -42,8 +47,8 @@ class RegimeConfig:
     engine's precision (the trainer stays in its own). ``engine_temperature``: the engine samples at this
     temperature while the trainer scores at 1.0 (null: same). ``num_mini_batches``: optimizer steps per rollout
     batch (K > 1: the later steps train on stale samples). ``steps``: RL steps per run (null: the study's; a
-    regime whose steps cost more, multi-turn above all, may run fewer). ``methods`` / ``ablations``: this regime's (null: the
-    study's). ``configurations``: extra configurations, ``{name: [overrides]}`` on top of the regime's (each a
+    regime whose steps cost more, multi-turn above all, may run fewer). ``methods`` / ``ablations``: this
+    regime's (null: the study's). ``configurations``: extra configurations, ``{name: [overrides]}`` on top of the regime's (each a
     method's ``loss.method`` and ``alp.*``). ``escalation``: override sets, one per level, tried in order while
     the gate is not reached."""
 
@@ -61,7 +66,8 @@ class RegimeConfig:
 
     def __post_init__(self):
         if self.engine_dtype not in ENGINE_DTYPES:
-            raise ConfigError("engine_dtype", f"{self.engine_dtype!r} is not supported", f"use one of {ENGINE_DTYPES}")
+            raise ConfigError("engine_dtype", f"{self.engine_dtype!r} is not supported",
+                              f"use one of {ENGINE_DTYPES}")
         if self.engine_temperature is not None and not self.engine_temperature > 0:
             raise ConfigError("engine_temperature", f"must be > 0, got {self.engine_temperature}",
                               "use e.g. 1.1, or null for no sampling mismatch")
@@ -69,16 +75,17 @@ class RegimeConfig:
             raise ConfigError("num_mini_batches", f"must be >= 1, got {self.num_mini_batches}",
                               "use 1 (on-policy) or more (stale mini-batch steps)")
         if self.steps is not None and self.steps < 1:
-            raise ConfigError("steps", f"must be >= 1, got {self.steps}", "use the RL steps per run, or null for the study's")
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}",
+                              "use the RL steps per run, or null for the study's")
         for name, values, allowed in (("methods", self.methods, METHODS), ("ablations", self.ablations, ABLATIONS)):
             unknown = [v for v in values or () if v not in allowed]
             if unknown:
                 raise ConfigError(name, f"unknown {unknown}", f"use any of {allowed}")
         for name, overrides in self.configurations.items():
-            if name in METHODS + ABLATIONS or not name.replace("_", "").isalnum() \
-                    or not isinstance(overrides, (list, tuple)) \
+            if name in METHODS + ABLATIONS or not _is_plain_name(name) or not isinstance(overrides, (list, tuple)) \
                     or not all(isinstance(o, str) and "=" in o for o in overrides):
-                raise ConfigError(f"regime.configurations.{name}", "must be a new plain name (letters, digits, _) with a list of key=value overrides",
+                raise ConfigError(f"regime.configurations.{name}", "must be a new plain name (letters, digits, _) "
+                                  "with a list of key=value overrides",
                                   "e.g. alp_own_routes: [loss.method=alp_seq, alp.enabled=true, "
                                   "alp.replay_routes_when_perturbed=false]")
         object.__setattr__(self, "configurations", {k: tuple(v) for k, v in self.configurations.items()})
@@ -169,7 +176,7 @@ class StudyConfig:
             elif not isinstance(regime, RegimeConfig):
                 raise ConfigError(f"regimes.{name}", f"expected a mapping (section), got {regime!r}",
                                   "write the regime as `key: value` lines (overrides, engine_dtype, ...)")
-            if not name.replace("_", "").isalnum():
+            if not _is_plain_name(name):
                 raise ConfigError(f"regimes.{name}", "is not a plain name", "use letters, digits and _ (a folder name)")
             regimes[name] = regime
         if not regimes:

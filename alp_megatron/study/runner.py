@@ -7,9 +7,9 @@ runs never see each other's weights. Runs go one after another (they share the m
 regime the gate's probe (bypass, first seed) runs first, at each escalation level until one reaches the gate;
 the regime's other runs follow at that level. The level is always worked out again from the kept probe runs
 under the study's current gate (``gate.json`` in the regime's folder is only the record of the last walk), so an
-analysis of kept runs chooses what a run of the study would. A run whose ``metrics.jsonl`` already holds every step, with the same
-overrides, is kept, so an interrupted study continues where it stopped; a partial run is run again from its
-start.
+analysis of kept runs chooses what a run of the study would. A run whose ``metrics.jsonl`` already holds every
+step, with the same overrides, is kept, so an interrupted study continues where it stopped; a partial run is run
+again from its start.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from alp_megatron.atomic_files import write_text_atomically
 from alp_megatron.config import RunConfig, load_run_config
 from alp_megatron.errors import AlpError
 from alp_megatron.run.metrics import read_metrics
+from alp_megatron.study.analysis import finite_mean, finite_values
 from alp_megatron.study.plan import RunSpec, StudyConfig, plan_runs, run_spec
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,11 @@ def regime_run_config(study: StudyConfig, regime: str) -> RunConfig:
                            (*study.overrides, *settings.knob_overrides(), *RUNNER_OVERRIDES))
 
 
+def regime_layers(study: StudyConfig, regime: str) -> int:
+    """Decoder layers of the model ``regime`` trains."""
+    return num_layers(regime_run_config(study, regime))
+
+
 def num_layers(config: RunConfig) -> int:
     """Decoder layers of the model the study trains (the tiny model's, or the HF checkpoint's)."""
     if config.model.hf_path:
@@ -86,13 +93,8 @@ def gate_measurement(records: list[dict]) -> dict:
     """What the gate reads from a probe run: its mean ``mismatch_k3`` over steps and the largest per-step p98 of
     its sequence mismatch ratio ``pi_old / mu`` (the engine's mismatch alone: not the drift of the step's
     updates, which the training ratio ``train_infer_ratio_seq_*`` also holds)."""
-    k3 = [float(r["mismatch_k3"]) for r in records if _finite(r.get("mismatch_k3"))]
-    p98 = [float(r["mismatch_ratio_seq_p98"]) for r in records if _finite(r.get("mismatch_ratio_seq_p98"))]
-    return {"mismatch_k3_mean": sum(k3) / len(k3) if k3 else math.nan, "seq_ratio_p98_max": max(p98, default=math.nan)}
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return {"mismatch_k3_mean": finite_mean(finite_values(records, "mismatch_k3")),
+            "seq_ratio_p98_max": max(finite_values(records, "mismatch_ratio_seq_p98"), default=math.nan)}
 
 
 @dataclass
@@ -116,11 +118,8 @@ class RegimeState:
     def write(self, regime_dir: str) -> None:
         """``gate.json``: the record of the walk (the study reads its kept probe runs, not this file)."""
         os.makedirs(regime_dir, exist_ok=True)
-        staging = os.path.join(regime_dir, GATE_FILE + ".partial")
-        with open(staging, "w") as handle:
-            json.dump({"level": self.level, "reached": self.reached, "settled": self.settled, "levels": self.levels},
-                      handle, indent=1)
-        os.replace(staging, os.path.join(regime_dir, GATE_FILE))
+        record = {"level": self.level, "reached": self.reached, "settled": self.settled, "levels": self.levels}
+        write_text_atomically(os.path.join(regime_dir, GATE_FILE), json.dumps(record, indent=1))
 
 
 def walk_gate(study: StudyConfig, regime: str, layers: int, probe: Callable[[RunSpec], Optional[str]],
@@ -150,7 +149,7 @@ def regime_directory(output_dir: str, regime: str) -> str:
 
 def regime_state(study: StudyConfig, regime: str, output_dir: str, layers: Optional[int] = None) -> RegimeState:
     """The gate of ``regime`` as its kept probe runs decide it under ``study``'s gate and levels (nothing is run)."""
-    layers = num_layers(regime_run_config(study, regime)) if layers is None else layers
+    layers = regime_layers(study, regime) if layers is None else layers
     steps = study.regime_steps(regime)
 
     def kept(spec: RunSpec) -> Optional[str]:
@@ -165,7 +164,7 @@ def planned_runs(study: StudyConfig, output_dir: str) -> dict[str, list[tuple[Ru
     (the level where the walk stopped, for a regime whose gate is not settled)."""
     planned = {}
     for regime in study.regimes:
-        layers = num_layers(regime_run_config(study, regime))
+        layers = regime_layers(study, regime)
         level = regime_state(study, regime, output_dir, layers).level
         planned[regime] = [(spec, run_directory(output_dir, spec)) for spec in plan_runs(study, regime, layers, level)]
     return planned
@@ -249,7 +248,7 @@ def run_study(study: StudyConfig, output_dir: str,
               progress: Callable[[str], None] = print) -> dict[str, list[tuple[RunSpec, str]]]:
     """Run every run of ``study`` not yet complete in ``output_dir`` (probing each regime's gate first);
     returns :func:`planned_runs`."""
-    total = sum(len(plan_runs(study, name, num_layers(regime_run_config(study, name)))) for name in study.regimes)
+    total = sum(len(plan_runs(study, name, regime_layers(study, name))) for name in study.regimes)
     counter = _Progress(total, progress)
     progress(f"off-policy study: {len(study.regimes)} regimes, {total} runs (more if a regime escalates) in "
              f"{output_dir}")
