@@ -319,3 +319,58 @@ def test_a_trajectorys_steps_go_to_its_server_while_that_one_is_up():
     assert client._pick() is second
     first.down_until = time.monotonic() + 60  # a died: the step goes elsewhere
     assert client._pick(prefer="http://a:1") is second
+
+
+class _ScriptedEngine:
+    """Completions in a fixed order. SGLang under load can return a stop string followed by the next sampled
+    token, EOS included; the real server does so only under load, so the turn logic is shown it here."""
+
+    def __init__(self, steps: list):
+        self.steps, self.requests = list(steps), []
+
+    def new_rid(self, label: str = "r") -> str:
+        return f"{label}-{len(self.requests)}"
+
+    async def generate(self, ids, params, rid, routes_start=0, prefer=None):
+        from alp_megatron.rollout.types import Completion, WeightSpan
+
+        self.requests.append(params)
+        output, stop = self.steps.pop(0)
+        return Completion(rid=rid, url="http://engine:1", output_ids=tuple(output),
+                          output_logprobs=(-1.0,) * len(output), finish_reason="stop", weight_version="v0",
+                          weight_spans=(WeightSpan("v0", 0, len(output)),), prompt_tokens=len(ids),
+                          matched_stop=stop)
+
+
+class _CallsAtThree:
+    """A turn that holds a '3' calls the tool, one with a '.' answers."""
+
+    name, stop = "threes", ("3",)
+
+    def inside_call(self, text):
+        return False
+
+    def action(self, text):
+        return Action("answer") if "." in text else Action("tool", text) if "3" in text else Action("void")
+
+    def observation(self, result):
+        return f"({result.output})"
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_under_ignore_eos_an_eos_after_the_stop_string_does_not_end_the_trajectory(ignore_eos):
+    tokenizer = build_char_tokenizer()
+    eos = tokenizer.eos_token_id
+    engine = _ScriptedEngine([(tokenizer.encode("ab3", add_special_tokens=False) + [eos], "3"),
+                              (tokenizer.encode("c.", add_special_tokens=False), None)])
+    agent = Agent(AgentConfig(max_turns=3, observation_tokens=6), tokenizer, tool=CountingTool(),
+                  turn_format=_CallsAtThree())
+    sampling = SamplingConfig(n=1, max_new_tokens=40, ignore_eos=ignore_eos)
+    sample = asyncio.run(agent.trajectory(engine, [1, 5, 6], sampling, group_id=0, index=0))
+    stats = sample.metadata["agent"]
+    assert stats["ending"] == "complete" and all(request["ignore_eos"] == ignore_eos for request in engine.requests)
+    if ignore_eos:  # the engine did not stop at EOS: the turn's call runs, the next turn answers
+        assert stats["tool_calls"] == 1 and stats["turns"] == 2 and sample.response_ids[-2:] == \
+            tokenizer.encode("c.", add_special_tokens=False)
+    else:  # EOS ends the trajectory where the engine ended it
+        assert stats["tool_calls"] == 0 and stats["turns"] == 1 and sample.response_ids[-1] == eos
