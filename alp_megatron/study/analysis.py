@@ -20,6 +20,9 @@ RATIO = "train_infer_ratio_seq_"
 # The methods ALP claims to keep the ratio tail and the KL below (no perturbation; corrections or none).
 BASELINES = ("bypass", "grpo", "tis", "seq_tis", "mis", "token_mis", "icepop")
 FINAL_STEPS = 5  # the final reward of a run is its mean over the last FINAL_STEPS steps
+# What each rollout correction truncated or masked, per step (policy_loss's metrics): a correction whose share
+# stays 0 never engaged, and its method trained exactly as its uncorrected base did.
+CORRECTED = ("tis_clip_frac", "mis_masked_frac", "icepop_masked_frac")
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,15 @@ class ConfigurationResult:
     reward_final_std: float  # across seeds
     reward_first: float  # step 1
     ratio_p999: float  # per run: the largest per-step p99.9 of the sequence ratio over training
+    ratio_p999_std: float  # across seeds
     ratio_max: float  # the largest sequence ratio seen in any step of any seed
     ratio_p2_min: float  # per run: the smallest per-step p2
     k3_mean: float  # per run: the mean mismatch_k3 over steps
+    k3_std: float  # across seeds
     k3_spike_steps: float  # per run: steps whose mismatch_k3 exceeds the threshold
     ratio_spike_steps: float  # per run: steps whose sequence ratio p99.9 (or 1 / p2) exceeds the threshold
     grad_spikes: float  # per run: steps whose largest gradient norm exceeds factor x the run's median
+    corrected: Optional[float]  # the share of tokens (sequences) the method's correction truncated or masked
     sigma_end: Optional[float]  # mean sigma over layers at the last step (ALP configurations)
 
 
@@ -63,8 +69,8 @@ def _std(values: Sequence[float]) -> float:
 
 
 def configuration_result(configuration: str, runs: Sequence[list[dict]], study: StudyConfig) -> ConfigurationResult:
-    finals, p999s, maxima, p2s, k3_means, k3_spikes, ratio_spikes, grad_spikes, sigmas, firsts = (
-        [] for _ in range(10))
+    finals, p999s, maxima, p2s, k3_means, k3_spikes, ratio_spikes, grad_spikes, sigmas, firsts, corrected = (
+        [] for _ in range(11))
     spike = study.thresholds.seq_ratio_spike
     for records in runs:
         rewards = finite_values(records, "reward_mean")
@@ -81,14 +87,16 @@ def configuration_result(configuration: str, runs: Sequence[list[dict]], study: 
         norms = finite_values(records, "grad_norm_max")
         median = statistics.median(norms) if norms else math.nan
         grad_spikes.append(sum(1 for v in norms if v > study.thresholds.grad_spike_factor * median))
+        corrected += [value for key in CORRECTED for value in finite_values(records, key)]
         if records and records[-1].get("noise_ratio_mean") is not None:  # an ALP run: its sigmas moved
             sigmas.append(float(records[-1]["sigma_mean"]))
     return ConfigurationResult(
         configuration=configuration, seeds=len(runs), reward_final_mean=finite_mean(finals),
         reward_final_std=_std(finals), reward_first=finite_mean(firsts),
-        ratio_p999=finite_mean(p999s), ratio_max=max(_finite(maxima), default=math.nan), ratio_p2_min=finite_mean(p2s),
-        k3_mean=finite_mean(k3_means), k3_spike_steps=finite_mean(k3_spikes), ratio_spike_steps=finite_mean(ratio_spikes),
-        grad_spikes=finite_mean(grad_spikes),
+        ratio_p999=finite_mean(p999s), ratio_p999_std=_std(p999s), ratio_max=max(_finite(maxima), default=math.nan),
+        ratio_p2_min=finite_mean(p2s), k3_mean=finite_mean(k3_means), k3_std=_std(k3_means),
+        k3_spike_steps=finite_mean(k3_spikes), ratio_spike_steps=finite_mean(ratio_spikes),
+        grad_spikes=finite_mean(grad_spikes), corrected=finite_mean(corrected) if corrected else None,
         sigma_end=finite_mean(sigmas) if sigmas else None,
     )
 
@@ -104,15 +112,17 @@ def markdown_table(results: Sequence[ConfigurationResult], study: StudyConfig) -
         "| configuration | seeds | reward step 1 | final reward (mean ± std) | seq ratio p99.9 | seq ratio max | "
         f"seq ratio p2 | mismatch k3 (mean) | steps k3 > {thresholds.mismatch_k3:g} | "
         f"steps seq ratio outside 1/{thresholds.seq_ratio_spike:g}..{thresholds.seq_ratio_spike:g} | "
-        f"grad-norm spikes (> {thresholds.grad_spike_factor:g}x median) | sigma at end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"grad-norm spikes (> {thresholds.grad_spike_factor:g}x median) | corrected share | sigma at end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         sigma = "-" if r.sigma_end is None else f"{r.sigma_end:.4f}"
+        corrected = "-" if r.corrected is None else f"{r.corrected:.4f}"
         lines.append(
             f"| {r.configuration} | {r.seeds} | {r.reward_first:.3f} | {r.reward_final_mean:.3f} ± "
-            f"{r.reward_final_std:.3f} | {r.ratio_p999:.3f} | {r.ratio_max:.3f} | {r.ratio_p2_min:.3f} | "
-            f"{r.k3_mean:.2e} | {r.k3_spike_steps:.1f} | {r.ratio_spike_steps:.1f} | {r.grad_spikes:.1f} | {sigma} |")
+            f"{r.reward_final_std:.3f} | {r.ratio_p999:.3f} ± {r.ratio_p999_std:.3f} | {r.ratio_max:.3f} | "
+            f"{r.ratio_p2_min:.3f} | {r.k3_mean:.2e} ± {r.k3_std:.1e} | {r.k3_spike_steps:.1f} | "
+            f"{r.ratio_spike_steps:.1f} | {r.grad_spikes:.1f} | {corrected} | {sigma} |")
     return "\n".join(lines)
 
 
@@ -139,11 +149,12 @@ CLAIMS = {"tail": "ALP's sequence-ratio tail (p99.9) stays below that of",
 def claims(results: Sequence[ConfigurationResult]) -> list[Claim]:
     """The paper's claims (ALP.md §1) checked on these numbers.
 
-    ``holds`` is None ("n/a") when a number is missing, or, for claims about reward, when fewer than two
-    seeds give no spread to judge by. "At least as well" holds when ALP's mean reward is no lower than the
-    other's minus the larger of the two seed standard deviations; "beats" holds when it is higher by more than
-    that, fails when lower by more, and is None (within the seed spread) otherwise. A claim about tails or KL
-    holds when ALP's number is the lower one.
+    Every claim is judged against the seed spread: the larger of the two seed standard deviations of the
+    number compared. ``holds`` is None (not shown) when a number is missing, when fewer than two seeds give no
+    spread to judge by, or when the two differ by no more than the spread. "At least as well" holds when ALP's
+    mean reward is no lower than the other's minus the spread (and fails otherwise); "beats" and "stays
+    below" (the ratio tail, the KL) hold when ALP is better by more than the spread and fail when it is worse
+    by more.
     """
     by_name = {r.configuration: r for r in results}
     alp = by_name.get("alp_seq")
@@ -152,34 +163,46 @@ def claims(results: Sequence[ConfigurationResult]) -> list[Claim]:
     found = []
     baselines = [by_name[m] for m in BASELINES if m in by_name]
     for other in baselines:
-        found.append(Claim("tail", other.configuration, _lower(alp.ratio_p999, other.ratio_p999),
-                           f"{alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
+        found.append(Claim("tail", other.configuration,
+                           _better(other.ratio_p999 - alp.ratio_p999, alp.ratio_p999_std, other.ratio_p999_std),
+                           f"{alp.ratio_p999:.3f} ± {alp.ratio_p999_std:.3f} vs "
+                           f"{other.ratio_p999:.3f} ± {other.ratio_p999_std:.3f}"))
     for other in baselines:
-        found.append(Claim("kl", other.configuration, _lower(alp.k3_mean, other.k3_mean),
-                           f"{alp.k3_mean:.2e} vs {other.k3_mean:.2e}"))
+        found.append(Claim("kl", other.configuration, _better(other.k3_mean - alp.k3_mean, alp.k3_std, other.k3_std),
+                           f"{alp.k3_mean:.2e} ± {alp.k3_std:.1e} vs {other.k3_mean:.2e} ± {other.k3_std:.1e}"))
     for other in baselines + [by_name[m] for m in ("gspo", "alp_token") if m in by_name]:
         margin = _margin(alp, other)
         holds = None if math.isnan(margin) else alp.reward_final_mean >= other.reward_final_mean - margin
         found.append(Claim("learns", other.configuration, holds, _rewards(alp, other)))
     for name in ABLATIONS:
         if name in by_name:
-            other, margin = by_name[name], _margin(alp, by_name[name])
-            difference = alp.reward_final_mean - other.reward_final_mean
-            holds = None if math.isnan(margin) or abs(difference) <= margin else difference > 0
+            other = by_name[name]
+            holds = _better(alp.reward_final_mean - other.reward_final_mean, alp.reward_final_std,
+                            other.reward_final_std)
             found.append(Claim("layers", name, holds,
                                f"{_rewards(alp, other)}; seq ratio p99.9 {alp.ratio_p999:.3f} vs {other.ratio_p999:.3f}"))
     return found
 
 
-def _lower(ours: float, theirs: float) -> Optional[bool]:
-    return None if math.isnan(ours) or math.isnan(theirs) else ours <= theirs
+def _better(advantage: float, *stds: float) -> Optional[bool]:
+    """ALP's ``advantage`` (positive: ALP better) judged against the larger seed std: True or False beyond it,
+    None within it or when a number or a spread (one seed) is missing."""
+    margin = _spread(*stds)
+    if math.isnan(advantage) or math.isnan(margin) or abs(advantage) <= margin:
+        return None
+    return advantage > 0
 
 
 def _margin(a: ConfigurationResult, b: ConfigurationResult) -> float:
     """The larger seed standard deviation of the two final rewards (NaN with fewer than two seeds)."""
     if math.isnan(a.reward_final_mean) or math.isnan(b.reward_final_mean):
         return math.nan
-    return max(a.reward_final_std, b.reward_final_std)
+    return _spread(a.reward_final_std, b.reward_final_std)
+
+
+def _spread(*stds: float) -> float:
+    """The largest of ``stds``; NaN when one is (a configuration with one seed has no spread)."""
+    return math.nan if any(math.isnan(std) for std in stds) else max(stds)
 
 
 def _rewards(a: ConfigurationResult, b: ConfigurationResult) -> str:
