@@ -104,6 +104,7 @@ def test_the_shipped_study_config_loads_and_every_regime_is_a_valid_run_config()
         for spec in plan_runs(study, name, 3):
             load_run_config(study.regimes[name].run_config or study.run_config, (*spec.overrides, *RUNNER_OVERRIDES))
         assert config.parallel.tensor_parallel == 1 and config.parallel.expert_parallel == 1  # world size 1
+        assert {study.gate.probe, "alp_seq"} <= set(study.regime_methods(name))  # the claims compare these two
     assert regime_run_config(study, "async_k4").rollout.max_staleness == 4
     assert regime_run_config(study, "moe_replay_on").model.megatron.routing_replay == "rollout"
     assert regime_run_config(study, "multi_turn").rollout.agent is not None
